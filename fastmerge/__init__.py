@@ -1,0 +1,1 @@
+"""fastmerge: streaming SLERP merges of safetensors checkpoints."""
