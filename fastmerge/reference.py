@@ -94,8 +94,7 @@ def describe_mismatch(name: str, got: torch.Tensor, want: torch.Tensor, max_ulps
     bad = (distance > max_ulps).nonzero().reshape(-1)
     got_flat, want_flat = got.reshape(-1), want.reshape(-1)
     first = ", ".join(
-        f"[{i}] got {got_flat[i].item()!r} want {want_flat[i].item()!r} "
-        f"({distance[i].item()} ulp)"
+        f"[{i}] got {got_flat[i].item()!r} want {want_flat[i].item()!r} ({distance[i].item()} ulp)"
         for i in bad[:5].tolist()
     )
     return (

@@ -1,0 +1,274 @@
+"""The `fastmerge` command line: a thin layer over the Python API that owns the terminal.
+
+Bad input gets one paragraph on stderr and exit code 2 (a traceback only with --debug); an
+interrupt exits with 130 and leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import FastmergeError
+from .plan import DEFAULT_SHARD_SIZE, OUTPUT_DTYPES
+
+app = typer.Typer(
+    name="fastmerge",
+    help="Streaming SLERP merges of safetensors checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback when something fails.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '2GiB' or a plain number of bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a size; write bytes (1000000) or 5GB, 2GiB")
+    number, unit = match.groups()
+    unit = (unit or "").lower().removesuffix("b")
+    return int(float(number) * _UNITS[unit])
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _reported_errors(debug: bool) -> Iterator[None]:
+    """Turn fastmerge's errors into a message and an exit code (or a traceback with --debug)."""
+    try:
+        yield
+    except FastmergeError as exc:
+        if debug:
+            raise
+        _stderr().print(f"[bold red]error:[/] {exc}", markup=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _stderr().print("interrupted: nothing was written to the output")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _stderr().print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _progress(quiet: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A Rich progress bar over output bytes, with throughput, on stderr."""
+    if quiet:
+        yield None
+        return
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr(), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _print_summary(result) -> None:
+    console = _stdout()
+    written_mb = result.bytes_written / 1e6
+    console.print(
+        f"merged {len(result.tensors)} tensors ({written_mb:,.1f} MB) in {result.seconds:.2f} s, "
+        f"{result.gigabytes_per_second:.2f} GB/s, on {result.device}"
+    )
+    angles = result.angle_summary()
+    angle_text = (
+        f"angles min {angles[0]:.2f}°, median {angles[1]:.2f}°, max {angles[2]:.2f}°"
+        if angles
+        else "no angles"
+    )
+    console.print(
+        f"branches: {result.count('slerp')} slerp, {result.count('lerp')} lerp, "
+        f"{result.count('copy')} copied; {angle_text}"
+    )
+    console.print(f"output: {result.output}")
+
+
+@app.command()
+def slerp(
+    a: Annotated[Path, typer.Argument(help="Base model: directory, index or .safetensors file.")],
+    b: Annotated[Path, typer.Argument(help="The other model, of the same architecture.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    t: Annotated[float, typer.Option("--t", help="0 gives A, 1 gives B.")] = 0.5,
+    dtype: Annotated[
+        str, typer.Option(help=f"Output dtype: {'|'.join(OUTPUT_DTYPES)}.")
+    ] = "float16",
+    shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, in bytes (or 5GB, 2GiB).")
+    ] = str(DEFAULT_SHARD_SIZE),
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output once done.")] = False,
+    lerp_vectors: Annotated[
+        bool, typer.Option(help="Interpolate 1-D tensors (norms, biases) linearly.")
+    ] = False,
+    extrapolate: Annotated[bool, typer.Option(help="Allow t outside [0, 1].")] = False,
+    allow_architecture_mismatch: Annotated[
+        bool, typer.Option(help="Merge even if config.json names different architectures.")
+    ] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """SLERP-merge model A (the base) with model B at t into a new directory."""
+    from .merge import merge
+
+    with _reported_errors(debug), _progress(quiet, "merging") as on_progress:
+        result = merge(
+            a,
+            b,
+            output,
+            t,
+            dtype=dtype,
+            shard_size=parse_size(shard_size),
+            device=device,
+            force=force,
+            lerp_vectors=lerp_vectors,
+            extrapolate=extrapolate,
+            allow_architecture_mismatch=allow_architecture_mismatch,
+            on_progress=on_progress,
+        )
+    if not quiet:
+        _print_summary(result)
+
+
+@app.command()
+def inspect(
+    a: Annotated[Path, typer.Argument(help="A model: directory, index or .safetensors file.")],
+    b: Annotated[Optional[Path], typer.Argument(help="A second model to compare with.")] = None,  # noqa: UP045 (typer needs Optional on 3.10)
+    debug: DebugOption = False,
+) -> None:
+    """List tensors, shapes and dtypes; with two models, the angle between each pair."""
+    from rich.table import Table
+
+    from .inspect import compare, describe
+
+    with _reported_errors(debug):
+        rows = describe(a) if b is None else compare(a, b)
+
+    table = Table(box=None, header_style="bold")
+    for column in rows.columns:
+        table.add_column(column, justify="right" if column != "tensor" else "left")
+    for row in rows.rows:
+        table.add_row(*row)
+    console = _stdout()
+    console.print(table)
+    console.print(rows.footer)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to build the models and the merge.")
+    ] = Path("fastmerge-demo"),
+    t: Annotated[float, typer.Option("--t")] = 0.6,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Build a SmolLM-135M-shaped base and instruct pair, and merge them at t = 0.6."""
+    from .merge import merge
+    from .synthetic import PRESETS, write_pair
+
+    with _reported_errors(debug):
+        shape = PRESETS["smollm-135m"]
+        if not quiet:
+            _stdout().print(
+                f"building a SmolLM-135M-shaped pair ({shape.parameters / 1e6:.1f}M parameters, "
+                f"bfloat16) in {directory}/"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        base, instruct = write_pair(directory, "smollm-135m", names=("base", "instruct"))
+        with _progress(quiet, "merging") as on_progress:
+            result = merge(
+                base,
+                instruct,
+                directory / "merged",
+                t,
+                device=device,
+                force=True,
+                on_progress=on_progress,
+            )
+    if not quiet:
+        _print_summary(result)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fastmerge: %(levelname)s: %(message)s"))
+    root = logging.getLogger("fastmerge")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _terminate(signum, frame) -> None:
+    # SIGTERM unwinds like Ctrl-C, so the output transaction removes its temporary files.
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    _configure_logging()
+    signal.signal(signal.SIGTERM, _terminate)
+    app()
