@@ -14,7 +14,7 @@ from .engine import NonFiniteInput, select_engine
 from .errors import MergeError
 from .plan import Method, build_plan
 from .reader import open_checkpoint
-from .slerp import compute_dtype, slerp_blend
+from .slerp import slerp_blend
 
 
 @dataclass
@@ -72,11 +72,9 @@ def compare(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]) -> R
             flat_a = a.view(planned.source_a).reshape(-1)
             flat_b = b.view(planned.source_b).reshape(-1)
             try:
-                stats = engine.statistics(
-                    flat_a, flat_b, compute_dtype(planned.in_dtype, planned.out_dtype)
-                )
+                stats = engine.statistics(flat_a, flat_b)
             except NonFiniteInput as exc:
-                model = a if str(exc) == "a" else b
+                model = a if exc.side == "a" else b
                 raise MergeError(
                     f"tensor {planned.name!r} of {model.source} holds NaN or infinite values"
                 ) from None

@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from .engine import Engine, NonFiniteInput, Sink, select_engine
+from .engine import Engine, Job, NonFiniteInput, Sink, select_engine
 from .errors import FastmergeError, MergeError
 from .model_card import model_card
 from .output import OutputTransaction, copy_companions, write_json
@@ -52,7 +52,7 @@ def slerp(
     engine = select_engine("cpu")
     math_dtype = compute_dtype(a.dtype, out_dtype)
     flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
-    stats = engine.statistics(flat_a, flat_b, math_dtype)
+    stats = engine.statistics(flat_a, flat_b)
     out = torch.empty(a.shape, dtype=out_dtype)
     engine.blend(flat_a, flat_b, slerp_blend(stats, t), out.view(-1), math_dtype)
     return out
@@ -120,30 +120,30 @@ def merge(
 
 def stream(plan: MergePlan, engine: Engine, sink: Sink) -> list[TensorReport]:
     """Merge every planned tensor into the sink, in plan order, releasing input pages."""
+
+    def jobs() -> Iterator[Job]:
+        for index, planned in enumerate(plan.tensors):
+            # Start reading the tensor after this one while this one is computed.
+            for following in plan.tensors[index + 1 : index + 2]:
+                plan.a.prefetch(following.source_a)
+                plan.b.prefetch(following.source_b)
+            yield Job(planned, plan.a.view(planned.source_a), plan.b.view(planned.source_b))
+
     reports = []
-    upcoming = [*plan.tensors[1:], None]
-    for planned, following in zip(plan.tensors, upcoming, strict=True):
-        if following is not None:
-            plan.a.prefetch(following.source_a)
-            plan.b.prefetch(following.source_b)
-
-        try:
-            stats, blend = engine.merge_tensor(
-                planned, plan.a.view(planned.source_a), plan.b.view(planned.source_b), sink
-            )
-        except NonFiniteInput as exc:
-            model, name = (
-                (plan.a, planned.source_a) if str(exc) == "a" else (plan.b, planned.source_b)
-            )
-            raise MergeError(
-                f"tensor {name!r} of {model.source} holds NaN or infinite values; the merge "
-                "stopped and no output was written. The checkpoint is damaged: download it "
-                "again or repair that tensor"
-            ) from None
-
-        plan.a.release(planned.source_a)
-        plan.b.release(planned.source_b)
-        reports.append(_report(planned, stats, blend))
+    try:
+        for merged in engine.run(jobs(), sink):
+            planned = merged.job.planned
+            plan.a.release(planned.source_a)
+            plan.b.release(planned.source_b)
+            reports.append(_report(planned, merged.stats, merged.blend))
+    except NonFiniteInput as exc:
+        planned = exc.planned
+        model, name = (plan.a, planned.source_a) if exc.side == "a" else (plan.b, planned.source_b)
+        raise MergeError(
+            f"tensor {name!r} of {model.source} holds NaN or infinite values; the merge "
+            "stopped and no output was written. The checkpoint is damaged: download it "
+            "again or repair that tensor"
+        ) from None
     return reports
 
 

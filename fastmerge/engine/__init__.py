@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..errors import FastmergeError, MergeError
 from ..plan import Method, PlannedTensor
-from ..slerp import Blend, PairStatistics, max_abs_bound, slerp_blend
+from ..slerp import Blend, PairStatistics, compute_dtype, max_abs_bound, slerp_blend
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,31 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class NonFiniteInput(MergeError):
-    """A tensor holds NaN or infinity; the caller adds which model and tensor."""
+    """An input holds NaN or infinity: `side` is "a" or "b"; the caller names the model."""
+
+    def __init__(self, side: str, planned: PlannedTensor | None = None) -> None:
+        super().__init__(f"input {side} of {planned.name if planned else 'a tensor'} is not finite")
+        self.side = side
+        self.planned = planned
+
+
+@dataclass(frozen=True)
+class Job:
+    """One planned tensor with views of its inputs (and statistics, if already known)."""
+
+    planned: PlannedTensor
+    a: torch.Tensor
+    b: torch.Tensor
+    stats: PairStatistics | None = None
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A finished job: its statistics and coefficients (None for copied tensors)."""
+
+    job: Job
+    stats: PairStatistics | None
+    blend: Blend | None
 
 
 class Sink(Protocol):
@@ -47,10 +73,11 @@ class Engine(ABC):
     device: torch.device
 
     @abstractmethod
-    def statistics(
-        self, a: torch.Tensor, b: torch.Tensor, math_dtype: torch.dtype
-    ) -> PairStatistics:
-        """‖a‖², ‖b‖² and a·b of two flat tensors; raises NonFiniteInput on NaN or inf."""
+    def statistics(self, a: torch.Tensor, b: torch.Tensor) -> PairStatistics:
+        """‖a‖², ‖b‖² and a·b of two flat tensors, summed in float64 across chunks.
+
+        Raises NonFiniteInput("a" or "b") when an input holds NaN or infinity.
+        """
 
     @abstractmethod
     def blend(
@@ -62,6 +89,15 @@ class Engine(ABC):
         math_dtype: torch.dtype,
     ) -> None:
         """out = coef_a·a + coef_b·b for flat tensors of equal length, cast once to out's dtype."""
+
+    def pair_statistics(
+        self, planned: PlannedTensor, a: torch.Tensor, b: torch.Tensor
+    ) -> PairStatistics:
+        """`statistics` of a planned tensor's inputs, naming the tensor if one is not finite."""
+        try:
+            return self.statistics(a.reshape(-1), b.reshape(-1))
+        except NonFiniteInput as exc:
+            raise NonFiniteInput(exc.side, planned) from None
 
     def merge_tensor(
         self,
@@ -75,8 +111,6 @@ class Engine(ABC):
 
         `stats` may come from a cache: they do not depend on t.
         """
-        from ..slerp import compute_dtype
-
         a, b = a.reshape(-1), b.reshape(-1)
         if planned.method is Method.COPY:
             self._fill(planned, sink, lambda lo, hi, out: out.copy_(a[lo:hi]))
@@ -84,7 +118,7 @@ class Engine(ABC):
 
         math_dtype = compute_dtype(planned.in_dtype, planned.out_dtype)
         if stats is None:
-            stats = self.statistics(a, b, math_dtype)
+            stats = self.pair_statistics(planned, a, b)
         blend = slerp_blend(stats, planned.t, linear=planned.method is Method.LERP)
         may_overflow = max_abs_bound(stats, blend) > torch.finfo(planned.out_dtype).max
 
@@ -100,6 +134,12 @@ class Engine(ABC):
 
         self._fill(planned, sink, fill)
         return stats, blend
+
+    def run(self, jobs: Iterable[Job], sink: Sink) -> Iterator[Merged]:
+        """Merge jobs into the sink in order, yielding each once its values are committed."""
+        for job in jobs:
+            stats, blend = self.merge_tensor(job.planned, job.a, job.b, sink, job.stats)
+            yield Merged(job, stats, blend)
 
     @staticmethod
     def _fill(planned: PlannedTensor, sink: Sink, fill) -> None:

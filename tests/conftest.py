@@ -1,0 +1,60 @@
+"""Shared fixtures: small generated Llama-shaped checkpoint pairs, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastmerge.synthetic import write_pair
+
+
+@pytest.fixture(scope="session")
+def pair_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pairs")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(pair_cache: Path) -> tuple[Path, Path]:
+    """A tied, single-file pair of the tiny preset. Tests must not modify it."""
+    return write_pair(pair_cache / "tied", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_sharded_pair(pair_cache: Path) -> tuple[Path, Path]:
+    """An untied pair, each model in 3 shards with an index."""
+    return write_pair(pair_cache / "untied-sharded", "tiny", tied=False, shards=3)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def copy_model(source: Path, destination: Path) -> Path:
+    """A writable copy of a model directory, for tests that damage or change it."""
+    destination.mkdir(parents=True)
+    for path in source.iterdir():
+        (destination / path.name).write_bytes(path.read_bytes())
+    return destination
+
+
+def read_header(path: Path) -> dict:
+    length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    return json.loads(path.read_bytes()[8 : 8 + length])
+
+
+def write_raw(path: Path, header: dict | bytes, data: bytes) -> None:
+    """A safetensors file with exactly this header (JSON object or raw bytes) and data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def entries_of(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)

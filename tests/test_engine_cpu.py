@@ -1,0 +1,153 @@
+"""The CPU engine against the float64 reference, on hostile shapes and geometry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge.engine.cpu import CpuEngine
+from fastmerge.reference import describe_mismatch, max_ulp_distance, slerp_reference
+from fastmerge.slerp import PairStatistics, compute_dtype, slerp_blend
+
+ULP_TOLERANCE = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 1}
+"""The one tolerance table: ulps of the output dtype away from the float64 reference."""
+
+IN_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OUT_DTYPES = list(ULP_TOLERANCE)
+SIZES = [1, 2, 7, 97, 1000, 4099, 65_537]
+
+
+def _pair(size: int, geometry: str, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(size, generator=generator)
+    noise = torch.randn(size, generator=generator)
+    b = {
+        "random": noise,
+        "close": a + 0.1 * noise,
+        "parallel": 2 * a,
+        # Not -3a: at t = 0.25 that cancels exactly, and fp32 math (mergekit's too) then
+        # leaves rounding noise of the terms' size, far from the exact zero in ulps.
+        "anti-parallel": -2 * a,
+        "zero-a": noise,
+        "zero-b": torch.zeros(size),
+        "near-threshold": a + 0.0316 * noise * a.norm() / noise.norm(),
+    }[geometry]
+    if geometry == "zero-a":
+        a = torch.zeros(size)
+    return a.to(dtype), b.to(dtype)
+
+
+def _engine_slerp(a, b, t, out_dtype, chunk=1000):
+    """The CPU engine's two primitives with a small chunk, so that chunks and tails occur."""
+    engine = CpuEngine(chunk_elements=chunk)
+    math_dtype = compute_dtype(a.dtype, out_dtype)
+    stats = engine.statistics(a.reshape(-1), b.reshape(-1))
+    out = torch.empty(a.numel(), dtype=out_dtype)
+    engine.blend(a.reshape(-1), b.reshape(-1), slerp_blend(stats, t), out, math_dtype)
+    return out.view(a.shape)
+
+
+def _assert_close(name, got, want):
+    tolerance = ULP_TOLERANCE[got.dtype]
+    assert max_ulp_distance(got, want) <= tolerance, describe_mismatch(name, got, want, tolerance)
+
+
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(
+    "geometry",
+    ["random", "close", "parallel", "anti-parallel", "zero-a", "zero-b", "near-threshold"],
+)
+def test_engine_matches_reference(in_dtype, out_dtype, size, geometry):
+    a, b = _pair(size, geometry, in_dtype)
+    for t in (0.6, 0.25):
+        got = _engine_slerp(a, b, t, out_dtype)
+        _assert_close(
+            f"{geometry} n={size} t={t}", got, slerp_reference(a, b, t, out_dtype=out_dtype)
+        )
+
+
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+@pytest.mark.parametrize("geometry", ["random", "parallel", "zero-a", "anti-parallel"])
+def test_t_zero_and_one_give_the_inputs_bit_for_bit(in_dtype, geometry):
+    a, b = _pair(4099, geometry, in_dtype)
+    a[0] = -0.0  # the sign of zero must survive too
+    for out_dtype in OUT_DTYPES:
+        at_zero = _engine_slerp(a, b, 0.0, out_dtype)
+        at_one = _engine_slerp(a, b, 1.0, out_dtype)
+        assert torch.equal(at_zero.view(torch.uint8), a.to(out_dtype).view(torch.uint8))
+        assert torch.equal(at_one.view(torch.uint8), b.to(out_dtype).view(torch.uint8))
+
+
+@pytest.mark.parametrize("t", [-0.25, 1.5])
+def test_extrapolation_matches_reference(t):
+    a, b = _pair(4099, "close", torch.bfloat16)
+    _assert_close(f"t={t}", _engine_slerp(a, b, t, torch.float16), slerp_reference(a, b, t))
+
+
+def test_multidimensional_tensors_are_one_vector():
+    a, b = _pair(6 * 7 * 11, "random", torch.bfloat16)
+    a, b = a.view(6, 7, 11), b.view(6, 7, 11)
+    got = fastmerge.slerp(a, b, 0.6, out_dtype=torch.float16)
+    assert got.shape == (6, 7, 11)
+    _assert_close("3-D", got, slerp_reference(a, b, 0.6))
+
+
+def test_public_slerp_defaults_to_the_input_dtype():
+    a, b = _pair(97, "random", torch.float32)
+    got = fastmerge.slerp(a, b, 0.3)
+    assert got.dtype == torch.float32
+    _assert_close("fp32", got, slerp_reference(a, b, 0.3, out_dtype=torch.float32))
+
+
+def test_public_slerp_refuses_mismatched_tensors():
+    with pytest.raises(ValueError, match=r"one shape and dtype.*\(3,\).*\(4,\)"):
+        fastmerge.slerp(torch.ones(3), torch.ones(4), 0.5)
+
+
+def test_statistics_of_a_large_tensor_are_float64_accurate():
+    # Plain fp32 sums of tens of millions of elements drift by ~1e-4; chunked sums must not.
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(8_000_000, generator=generator).to(torch.bfloat16)
+    b = (a.float() + 0.5 * torch.randn(8_000_000, generator=generator)).to(torch.bfloat16)
+    stats = CpuEngine().statistics(a, b)
+    a64, b64 = a.double(), b.double()
+    assert math.isclose(stats.norm_a_sq, torch.dot(a64, a64).item(), rel_tol=2e-6)
+    assert math.isclose(stats.norm_b_sq, torch.dot(b64, b64).item(), rel_tol=2e-6)
+    assert math.isclose(stats.dot, torch.dot(a64, b64).item(), rel_tol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_detected(bad):
+    from fastmerge.engine import NonFiniteInput
+
+    a, b = _pair(3000, "random", torch.bfloat16)
+    b[2500] = bad
+    with pytest.raises(NonFiniteInput, match="b"):
+        CpuEngine(chunk_elements=1000).statistics(a, b)
+
+
+def test_huge_finite_values_are_not_mistaken_for_non_finite():
+    # 1e20 squared overflows fp32; the engine redoes such a chunk in float64.
+    a = torch.full((10,), 1e20, dtype=torch.bfloat16)
+    b = torch.full((10,), -1e20, dtype=torch.bfloat16)
+    stats = CpuEngine().statistics(a, b)
+    assert stats.finite
+    assert stats.cosine == -1.0
+
+
+def test_slerp_blend_branches():
+    orthogonal = PairStatistics(1.0, 1.0, 0.0)
+    blend = slerp_blend(orthogonal, 0.5)
+    assert blend.spherical
+    assert math.isclose(blend.coef_a, math.sin(math.pi / 4))
+    assert math.isclose(blend.angle, math.pi / 2)
+
+    parallel = PairStatistics(1.0, 4.0, 2.0)
+    assert slerp_blend(parallel, 0.3) == slerp_blend(parallel, 0.3, linear=True)
+    assert not slerp_blend(parallel, 0.3).spherical
+    assert slerp_blend(parallel, 0.3).coef_b == 0.3
