@@ -98,8 +98,9 @@ def _reported_errors(debug: bool) -> Iterator[None]:
 
 @contextmanager
 def _progress(quiet: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar over output bytes, with throughput, on stderr."""
-    if quiet:
+    """A Rich progress bar over output bytes, with throughput, on stderr when it is a terminal."""
+    console = _stderr()
+    if quiet or not console.is_terminal:
         yield None
         return
 
@@ -119,7 +120,7 @@ def _progress(quiet: bool, description: str) -> Iterator[Callable[[int, int], No
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=_stderr(), transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
