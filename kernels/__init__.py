@@ -7,20 +7,26 @@ in Triton's interpreter (tests do).
 
 from .slerp import (
     BLOCK_SIZE,
+    INPUT_DTYPES,
     INTERPRETED,
     STATS_COLUMNS,
     SUPPORTED_DTYPES,
+    blend_segments,
     bytes_moved,
+    segment_statistics,
     slerp,
     slerp_segments,
 )
 
 __all__ = [
     "BLOCK_SIZE",
+    "INPUT_DTYPES",
     "INTERPRETED",
     "STATS_COLUMNS",
     "SUPPORTED_DTYPES",
+    "blend_segments",
     "bytes_moved",
+    "segment_statistics",
     "slerp",
     "slerp_segments",
 ]

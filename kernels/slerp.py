@@ -25,6 +25,8 @@ is its float64 statement and the oracle the tests compare against.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,9 @@ import triton.language as tl
 from fastmerge.reference import DOT_THRESHOLD, NORM_EPS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-"""Input and output dtypes the kernels read and write."""
+"""Output dtypes the kernels write; inputs may also be float64."""
+
+INPUT_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
 STATS_COLUMNS = ("norm_a", "norm_b", "cos", "theta", "branch", "ca", "cb")
 """Columns of the per-segment float64 statistics: branch is 1.0 for slerp, 0.0 for lerp."""
@@ -110,6 +114,7 @@ def _partials_kernel(
     block_start_ptr,
     partials_ptr,
     n_programs,
+    ACC_F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Bytes: reads BLOCK elements of a and of b, writes 3 fp32 partials.
@@ -120,8 +125,10 @@ def _partials_kernel(
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < end
 
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # fp32 per block, float64 across blocks (DESIGN.md); float64 where _wide_math says.
+    acc = tl.float64 if ACC_F64 else tl.float32
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(acc)
 
     # Stored as three rows of n_programs so the coefficients kernel reads them coalesced.
     tl.store(partials_ptr + pid, tl.sum(a * a, axis=0))
@@ -192,6 +199,7 @@ def _blend_kernel(
     block_segment_ptr,
     block_start_ptr,
     stats_ptr,
+    MATH_F64: tl.constexpr,
     OUT_BF16_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -203,10 +211,13 @@ def _blend_kernel(
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < end
 
-    ca = tl.load(stats_ptr + segment * 7 + 5).to(tl.float32)
-    cb = tl.load(stats_ptr + segment * 7 + 6).to(tl.float32)
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # fp32 math cannot be one-ulp exact for an fp32 output where the terms nearly cancel, so
+    # fp32 outputs (and float64 inputs) blend in float64, as the CPU engine does.
+    math = tl.float64 if MATH_F64 else tl.float32
+    ca = tl.load(stats_ptr + segment * 7 + 5).to(math)
+    cb = tl.load(stats_ptr + segment * 7 + 6).to(math)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(math)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(math)
 
     # An explicit fma rounds the same on GPU and in the interpreter (which has a true fma);
     # a plain a*x + b*y could be contracted by the GPU compiler and not by the interpreter.
@@ -216,7 +227,7 @@ def _blend_kernel(
     mixed = tl.where(cb == 0.0, ca * a, mixed)
 
     if OUT_BF16_BITS:
-        tl.store(out_ptr + offs, _bf16_bits_rtne(mixed), mask=mask)
+        tl.store(out_ptr + offs, _bf16_bits_rtne(mixed.to(tl.float32)), mask=mask)
     else:
         # fp32 -> fp16 rounds to nearest even on the GPU and in the interpreter (numpy).
         tl.store(out_ptr + offs, mixed.to(out_ptr.dtype.element_ty), mask=mask)
@@ -244,22 +255,28 @@ def _check_flat(name: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> 
         )
 
 
-def _launch_slerp_segments(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    offsets: torch.Tensor,
-    t: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    block_size: int = BLOCK_SIZE,
-    reduce_chunk: int = REDUCE_CHUNK,
-) -> torch.Tensor:
-    """Validate, build the block table, and run the three kernels; returns the stats.
+def _wide_math(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether sums and blend run in float64: for float32 outputs and float64 inputs, as in
+    the CPU engine (fastmerge.slerp.compute_dtype). fp32 partials leave the coefficients
+    good to ~1e-7, which is below an ulp of fp16 and bf16 but not of fp32 where the two
+    terms nearly cancel."""
+    return out_dtype == torch.float32 or in_dtype == torch.float64
 
-    Everything stays on the device and on the current stream: no .item(), no host copy.
-    """
+
+@dataclass(frozen=True)
+class _BlockTable:
+    """Which segment each program works on, and where its block starts (on the device)."""
+
+    block_segment: torch.Tensor
+    block_start: torch.Tensor
+    segment_first_block: torch.Tensor
+    n_programs: int
+    block_size: int
+
+
+def _check_inputs(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, n: int) -> None:
     device = a.device
-    for name, x in (("b", b), ("offsets", offsets), ("t", t), ("out", out)):
+    for name, x in (("b", b), ("offsets", offsets)):
         if x.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} like a, found {x.device}")
     if device.type == "cpu" and not INTERPRETED:
@@ -269,63 +286,161 @@ def _launch_slerp_segments(
             "CPU engine"
         )
 
-    _check_flat("a", a, SUPPORTED_DTYPES)
-    _check_flat("b", b, SUPPORTED_DTYPES)
+    _check_flat("a", a, INPUT_DTYPES)
+    _check_flat("b", b, INPUT_DTYPES)
     _check_flat("offsets", offsets, (torch.int64,))
-    _check_flat("t", t, (torch.float32, torch.float64))
-    _check_flat("out", out, SUPPORTED_DTYPES)
     if b.dtype != a.dtype:
         raise ValueError(f"b: expected dtype {a.dtype} like a, found {b.dtype}")
-    if b.numel() != a.numel() or out.numel() != a.numel():
-        raise ValueError(
-            f"expected a, b and out of one length, found {a.numel()}, {b.numel()}, {out.numel()}"
-        )
-    n = t.numel()
+    if b.numel() != a.numel():
+        raise ValueError(f"expected a and b of one length, found {a.numel()} and {b.numel()}")
     if offsets.numel() != n + 1:
         raise ValueError(
             f"offsets: expected {n + 1} entries (one more than t has), found {offsets.numel()}"
         )
-    assert block_size & (block_size - 1) == 0 and reduce_chunk & (reduce_chunk - 1) == 0
 
-    stats = torch.empty((n, len(STATS_COLUMNS)), dtype=torch.float64, device=device)
+
+def _block_table(offsets: torch.Tensor, numel: int, block_size: int) -> _BlockTable:
+    """Built on the device. The offsets are the caller's contract (monotone, within
+    [0, numel]); checking them would cost a host sync. A segment of length L has
+    ceil(L / block) blocks, so the total is at most ceil(numel / block) + n: that many
+    programs are launched. The spare ones count as further blocks of the last segment,
+    which start past its end, so every one of their loads and stores is masked off."""
+    assert block_size & (block_size - 1) == 0
+    n = offsets.numel() - 1
+    lengths = (offsets[1:] - offsets[:-1]).clamp_(min=0)
+    blocks_per_segment = (lengths + (block_size - 1)) // block_size
+    segment_first_block = torch.zeros(n + 1, dtype=torch.int64, device=offsets.device)
+    torch.cumsum(blocks_per_segment, dim=0, out=segment_first_block[1:])
+
+    n_programs = triton.cdiv(numel, block_size) + n
+    program = torch.arange(n_programs, dtype=torch.int64, device=offsets.device)
+    segment = torch.searchsorted(segment_first_block[1:], program, right=True).clamp_(max=n - 1)
+    block_start = offsets[segment] + (program - segment_first_block[segment]) * block_size
+    return _BlockTable(
+        segment.to(torch.int32), block_start, segment_first_block, n_programs, block_size
+    )
+
+
+def _launch_statistics(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    t: torch.Tensor,
+    table: _BlockTable,
+    *,
+    acc_f64: bool,
+    reduce_chunk: int = REDUCE_CHUNK,
+) -> torch.Tensor:
+    """Partials and coefficients kernels: the [n, 7] float64 statistics, on the device."""
+    assert reduce_chunk & (reduce_chunk - 1) == 0
+    n = t.numel()
+    stats = torch.empty((n, len(STATS_COLUMNS)), dtype=torch.float64, device=a.device)
     if n == 0:
         return stats
 
-    # Block table, built on the device. The offsets are the caller's contract (monotone,
-    # within [0, a.numel()]); checking them would cost a host sync. A segment of length L has
-    # ceil(L / block) blocks, so the total is at most ceil(numel / block) + n: launch that
-    # many programs. The spare ones count as further blocks of the last segment, which start
-    # past its end, so every one of their loads and stores is masked off.
-    lengths = (offsets[1:] - offsets[:-1]).clamp_(min=0)
-    blocks_per_segment = (lengths + (block_size - 1)) // block_size
-    segment_first_block = torch.zeros(n + 1, dtype=torch.int64, device=device)
-    torch.cumsum(blocks_per_segment, dim=0, out=segment_first_block[1:])
-
-    n_programs = triton.cdiv(a.numel(), block_size) + n
-    program = torch.arange(n_programs, dtype=torch.int64, device=device)
-    segment = torch.searchsorted(segment_first_block[1:], program, right=True).clamp_(max=n - 1)
-    block_start = offsets[segment] + (program - segment_first_block[segment]) * block_size
-    block_segment = segment.to(torch.int32)
-
-    partials = torch.empty((3, n_programs), dtype=torch.float32, device=device)
-    _partials_kernel[(n_programs,)](
-        a, b, offsets, block_segment, block_start, partials, n_programs,
-        BLOCK=block_size, num_warps=_NUM_WARPS,
+    partials = torch.empty(
+        (3, table.n_programs), dtype=torch.float64 if acc_f64 else torch.float32, device=a.device
+    )
+    _partials_kernel[(table.n_programs,)](
+        a, b, offsets, table.block_segment, table.block_start, partials, table.n_programs,
+        ACC_F64=acc_f64, BLOCK=table.block_size, num_warps=_NUM_WARPS,
     )  # fmt: skip
     _coefficients_kernel[(n,)](
-        partials, segment_first_block, t, stats, n_programs,
+        partials, table.segment_first_block, t, stats, table.n_programs,
         CHUNK=reduce_chunk, num_warps=4,
     )  # fmt: skip
+    return stats
+
+
+def _launch_blend(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    stats: torch.Tensor,
+    out: torch.Tensor,
+    table: _BlockTable,
+    *,
+    math_f64: bool | None = None,
+) -> None:
+    """Blend kernel: out = ca·a + cb·b per segment, with ca, cb from the statistics."""
+    if stats.numel() == 0:
+        return
+    if math_f64 is None:
+        math_f64 = _wide_math(a.dtype, out.dtype)
 
     # bf16 goes out as int16 bit patterns rounded in the kernel (see _bf16_bits_rtne).
     out_bf16_bits = out.dtype == torch.bfloat16
     destination = out.view(torch.int16) if out_bf16_bits else out
-    _blend_kernel[(n_programs,)](
-        a, b, destination, offsets, block_segment, block_start, stats,
-        OUT_BF16_BITS=out_bf16_bits, BLOCK=block_size, num_warps=_NUM_WARPS,
+    _blend_kernel[(table.n_programs,)](
+        a, b, destination, offsets, table.block_segment, table.block_start, stats,
+        MATH_F64=math_f64, OUT_BF16_BITS=out_bf16_bits, BLOCK=table.block_size,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
 
-    return stats
+
+def _output_for(a: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        if out_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"out_dtype: expected one of {SUPPORTED_DTYPES}, found {out_dtype}")
+        return torch.empty(a.shape, dtype=out_dtype, device=a.device)
+    if out.dtype != out_dtype:
+        raise ValueError(
+            f"out: expected dtype {out_dtype} (out_dtype), found {out.dtype}; pass "
+            "out_dtype=out.dtype"
+        )
+    if out.device != a.device:
+        raise ValueError(f"out: expected a tensor on {a.device} like a, found {out.device}")
+    _check_flat("out", out, SUPPORTED_DTYPES)
+    if out.numel() != a.numel():
+        raise ValueError(f"out: expected {a.numel()} elements like a, found {out.numel()}")
+    return out
+
+
+def segment_statistics(
+    a_flat: torch.Tensor,
+    b_flat: torch.Tensor,
+    offsets: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """The [n, 7] float64 statistics of each segment (columns `STATS_COLUMNS`), on the device.
+
+    Columns ca and cb are the coefficients at t; a caller may overwrite them (linear
+    interpolation of some segments, say) before `blend_segments`. `out_dtype` is that of the
+    blend to come: a float32 output needs float64 sums.
+    """
+    _check_inputs(a_flat, b_flat, offsets, t.numel())
+    _check_flat("t", t, (torch.float32, torch.float64))
+    if t.device != a_flat.device:
+        raise ValueError(f"t: expected a tensor on {a_flat.device} like a, found {t.device}")
+    table = _block_table(offsets, a_flat.numel(), BLOCK_SIZE)
+    return _launch_statistics(
+        a_flat, b_flat, offsets, t, table, acc_f64=_wide_math(a_flat.dtype, out_dtype)
+    )
+
+
+def blend_segments(
+    a_flat: torch.Tensor,
+    b_flat: torch.Tensor,
+    offsets: torch.Tensor,
+    stats: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.float16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = ca·a + cb·b per segment, with ca and cb from `stats` (as `segment_statistics`
+    returns them, or built from cached statistics). Returns the output buffer."""
+    n = stats.shape[0]
+    _check_inputs(a_flat, b_flat, offsets, n)
+    if stats.dtype != torch.float64 or stats.shape != (n, len(STATS_COLUMNS)):
+        raise ValueError(
+            f"stats: expected float64 [{n}, 7], found {stats.dtype}{tuple(stats.shape)}"
+        )
+    out = _output_for(a_flat, out_dtype, out)
+    table = _block_table(offsets, a_flat.numel(), BLOCK_SIZE)
+    _launch_blend(a_flat, b_flat, offsets, stats.contiguous(), out, table)
+    return out
 
 
 def slerp_segments(
@@ -348,17 +463,16 @@ def slerp_segments(
     contiguous 1-D tensor like a_flat, of ``out_dtype``) and a float64 ``[n, 7]`` tensor with
     the columns of `STATS_COLUMNS`. All work is queued on the current stream.
     """
-    if out is None:
-        if out_dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"out_dtype: expected one of {SUPPORTED_DTYPES}, found {out_dtype}")
-        out = torch.empty(a_flat.shape, dtype=out_dtype, device=a_flat.device)
-    elif out.dtype != out_dtype:
-        raise ValueError(
-            f"out: expected dtype {out_dtype} (out_dtype), found {out.dtype}; pass "
-            "out_dtype=out.dtype"
-        )
+    _check_inputs(a_flat, b_flat, offsets, t.numel())
+    _check_flat("t", t, (torch.float32, torch.float64))
+    if t.device != a_flat.device:
+        raise ValueError(f"t: expected a tensor on {a_flat.device} like a, found {t.device}")
+    out = _output_for(a_flat, out_dtype, out)
 
-    stats = _launch_slerp_segments(a_flat, b_flat, offsets, t, out)
+    table = _block_table(offsets, a_flat.numel(), BLOCK_SIZE)
+    wide = _wide_math(a_flat.dtype, out.dtype)
+    stats = _launch_statistics(a_flat, b_flat, offsets, t, table, acc_f64=wide)
+    _launch_blend(a_flat, b_flat, offsets, stats, out, table, math_f64=wide)
     return out, stats
 
 
@@ -395,6 +509,5 @@ def bytes_moved(numel: int, in_dtype: torch.dtype, out_dtype: torch.dtype) -> in
     The per-block partials and per-segment statistics (tens of bytes per 4096 elements) are
     left out.
     """
-    in_bytes = torch.finfo(in_dtype).bits // 8
-    out_bytes = torch.finfo(out_dtype).bits // 8
+    in_bytes, out_bytes = in_dtype.itemsize, out_dtype.itemsize
     return numel * (2 * 2 * in_bytes + out_bytes)

@@ -6,12 +6,14 @@ slow) with the real block sizes, so the tails, multi-block reductions and spare 
 are the ones a GPU runs.
 
 Tolerance: at most MAX_ULPS ulps of the output dtype from the float64 reference, except
-where the kernel's fp32 arithmetic cannot resolve the result: when ca·a and cb·b nearly
-cancel, fp32 math is off by up to one fp32 ulp of |ca·a| + |cb·b|, which can be many ulps of
-the small result (for fp32 output, several percent of the elements of random pairs). Such
-an element passes if it is within MAX_ULPS ulps of the rounding of some value within that
-fp32 floor of the exact result. The coefficients themselves are checked to 1e-12 in
-the statistics, and the output casts bit for bit against torch's.
+where the blend's arithmetic cannot resolve the result: when ca·a and cb·b nearly cancel,
+math in dtype D is off by up to one ulp of D at |ca·a| + |cb·b|, which can be many ulps of
+the small result. Such an element passes if it is within MAX_ULPS ulps of the rounding of
+some value within that floor of the exact result. D is fp32 for fp16 and bf16 outputs and
+float64 for fp32 outputs (fastmerge.slerp.compute_dtype, shared with the CPU engine), so for
+fp32 outputs the floor is negligible and the check is a plain one-ulp check. The
+coefficients themselves are checked to 1e-12 in the statistics, and the output casts bit
+for bit against torch's.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from fastmerge.reference import (
     slerp_reference,
     ulp_distance,
 )
+from fastmerge.slerp import compute_dtype
 
 # The package re-exports the function slerp, which hides the module of the same name.
 slerp_module = importlib.import_module("fastmerge.kernels.slerp")
@@ -49,8 +52,6 @@ slerp_module = importlib.import_module("fastmerge.kernels.slerp")
 MAX_ULPS = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 1}
 """The one tolerance table, in ulps of the output dtype."""
 
-FP32_FLOOR = torch.finfo(torch.float32).eps
-"""Relative error of the fp32 blend at the magnitude of its terms (see module docstring)."""
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_PAIRS = [(i, o) for i in DTYPES for o in DTYPES]
@@ -132,11 +133,12 @@ def assert_matches_reference(
     tol = MAX_ULPS[out_dtype]
     want = slerp_reference(a, b, t, out_dtype=out_dtype)
 
-    # The fp32 floor (module docstring): the interval of results fp32 math may give.
+    # The floor of the blend's math dtype (module docstring): the results it may give.
     _, _, cos, theta = expected_stats(a, b)
     ca, cb = coefficients(cos, theta, t)
     exact = slerp_reference(a, b, t, out_dtype=torch.float64)
-    floor = FP32_FLOOR * (abs(ca) * a.double().abs() + abs(cb) * b.double().abs())
+    eps = torch.finfo(compute_dtype(a.dtype, out_dtype)).eps
+    floor = eps * (abs(ca) * a.double().abs() + abs(cb) * b.double().abs())
     low, high = (exact - floor).to(out_dtype), (exact + floor).to(out_dtype)
     passes = (
         ((got >= low) & (got <= high))
@@ -291,9 +293,10 @@ def test_many_blocks_per_segment(in_dtype):
     offsets = torch.tensor([0, 130, 4229, 4229, 4293, 4358])
     out = torch.empty(a.numel(), dtype=torch.float16)
 
-    stats = slerp_module._launch_slerp_segments(
-        a, b, offsets, torch.tensor(ts, dtype=torch.float64), out, block_size=64, reduce_chunk=4
-    )
+    table = slerp_module._block_table(offsets, a.numel(), block_size=64)
+    t = torch.tensor(ts, dtype=torch.float64)
+    stats = slerp_module._launch_statistics(a, b, offsets, t, table, acc_f64=False, reduce_chunk=4)
+    slerp_module._launch_blend(a, b, offsets, stats, out, table)
     for k, (got, (pa, pb)) in enumerate(zip(out.split(lengths), pairs, strict=True)):
         assert_matches_reference(f"segment {k}", got, pa, pb, ts[k])
         assert_stats(f"segment {k}", stats[k], pa, pb, ts[k])
@@ -363,8 +366,14 @@ def test_output_cast_is_torchs_round_to_nearest_even(in_dtype):
     # The same fp32 results, rounded by the kernel and by torch, must agree bit for bit:
     # this is what catches the interpreter's truncating bf16 conversion.
     a, b = make_pair("random", 10007, in_dtype, seed=3)
+    offsets = torch.tensor([0, a.numel()])
+    table = slerp_module._block_table(offsets, a.numel(), fk.BLOCK_SIZE)
     for t in (0.6, 1.5):
-        wide = fk.slerp(a, b, t, out_dtype=torch.float32)
+        # The fp32-math result (an fp32 output would blend in float64 by default).
+        t_tensor = torch.tensor([t], dtype=torch.float64)
+        stats = slerp_module._launch_statistics(a, b, offsets, t_tensor, table, acc_f64=False)
+        wide = torch.empty(a.numel(), dtype=torch.float32)
+        slerp_module._launch_blend(a, b, offsets, stats, wide, table, math_f64=False)
         for out_dtype in (torch.float16, torch.bfloat16):
             got = fk.slerp(a, b, t, out_dtype=out_dtype)
             assert_bits_equal(f"{out_dtype} t={t}", got, wide.to(out_dtype))
@@ -466,12 +475,12 @@ def _flat_inputs(n: int = 10):
         (lambda a, b, o, t: (a, b.to(torch.bfloat16), o, t), r"b: expected dtype torch.float16"),
         (lambda a, b, o, t: (a, b.to("meta"), o, t), r"b: expected a tensor on cpu"),
         (lambda a, b, o, t: (a, b, o, t.to("meta")), r"t: expected a tensor on cpu"),
-        (lambda a, b, o, t: (a.double(), b.double(), o, t), r"a: expected dtype in .*float64"),
+        (lambda a, b, o, t: (a.int(), b.int(), o, t), r"a: expected dtype in .*float64"),
         (lambda a, b, o, t: (a.reshape(2, 5), b, o, t), r"a: expected a 1-D tensor.*\(2, 5\)"),
         (lambda a, b, o, t: (a, b, o.to(torch.int32), t), r"offsets: expected dtype in"),
         (lambda a, b, o, t: (a, b, o, t.half()), r"t: expected dtype in"),
         (lambda a, b, o, t: (a, b, o[:1], t), r"offsets: expected 2 entries.*found 1"),
-        (lambda a, b, o, t: (a, b[:5], o, t), r"one length, found 10, 5"),
+        (lambda a, b, o, t: (a, b[:5], o, t), r"one length, found 10 and 5"),
         (
             lambda a, b, o, t: (torch.stack([a, a], 1)[:, 0], b, o, t),
             r"a: expected a contiguous tensor, found stride \(2,\)",
@@ -481,7 +490,7 @@ def _flat_inputs(n: int = 10):
         "dtypes differ",
         "devices differ",
         "t device",
-        "float64 input",
+        "int32 input",
         "not 1-D",
         "int32 offsets",
         "float16 t",
@@ -533,3 +542,28 @@ def test_bytes_moved():
     # Two reads of two bf16 inputs (8 bytes) and one fp16 write (2 bytes) per element.
     assert fk.bytes_moved(1000, torch.bfloat16, torch.float16) == 10_000
     assert fk.bytes_moved(10, torch.float32, torch.bfloat16) == 10 * (16 + 2)
+    assert fk.bytes_moved(10, torch.float64, torch.float32) == 10 * (32 + 4)
+
+
+def test_float64_inputs_sum_and_blend_in_float64():
+    a, b = make_pair("random", 4099, torch.float64, seed=11)
+    for out_dtype in DTYPES:
+        got = fk.slerp(a, b, 0.6, out_dtype=out_dtype)
+        want = slerp_reference(a, b, 0.6, out_dtype=out_dtype)
+        assert max_ulp_distance(got, want) <= MAX_ULPS[out_dtype], str(out_dtype)
+
+
+def test_statistics_then_blend_with_overridden_coefficients():
+    # The engine's linear-interpolation option: statistics, coefficients replaced, blend.
+    pairs = [make_pair("random", n, torch.bfloat16, seed=n) for n in (300, 4099)]
+    a = torch.cat([p[0] for p in pairs])
+    b = torch.cat([p[1] for p in pairs])
+    offsets = torch.tensor([0, 300, 4399])
+    stats = fk.segment_statistics(a, b, offsets, torch.tensor([0.6, 0.6], dtype=torch.float64))
+    assert_stats("segment 0", stats[0], *pairs[0], 0.6)
+
+    stats[1, 5], stats[1, 6] = 0.4, 0.6
+    out = fk.blend_segments(a, b, offsets, stats)
+    assert_matches_reference("slerp segment", out[:300], *pairs[0], 0.6)
+    want = (0.4 * pairs[1][0].double() + 0.6 * pairs[1][1].double()).half()
+    assert max_ulp_distance(out[300:], want) <= 1
