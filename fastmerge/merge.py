@@ -36,7 +36,8 @@ def slerp(
     """SLERP of two tensors of the same shape, each treated as one flat vector.
 
     The result has a's shape and `out_dtype` (default: a's dtype). t = 0 gives a and t = 1
-    gives b exactly, up to the cast. CPU tensors run on the chunked torch engine.
+    gives b exactly, up to the cast. CPU tensors run on the chunked torch engine, CUDA
+    tensors on the Triton kernels.
     """
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(
@@ -66,7 +67,7 @@ def merge(
     *,
     dtype: str | torch.dtype = "float16",
     shard_size: int = DEFAULT_SHARD_SIZE,
-    device: str = "auto",
+    device: str | Engine = "auto",
     force: bool = False,
     lerp_vectors: bool = False,
     extrapolate: bool = False,
@@ -77,8 +78,8 @@ def merge(
 
     `a` and `b` are model directories, index files or .safetensors files. The output is
     complete or absent: it is built beside `out` and moved into place at the end; an
-    existing `out` is replaced only with `force`. Raises FastmergeError (with a message
-    meant for people) on bad input.
+    existing `out` is replaced only with `force`. `device` is auto, cpu, cuda or cuda:N, or
+    an Engine. Raises FastmergeError (with a message meant for people) on bad input.
     """
     out_dtype = _output_dtype(dtype)
     started = time.perf_counter()
@@ -104,7 +105,8 @@ def merge(
         transaction = OutputTransaction(out, [_root(base), _root(other)], force=force)
         with transaction as temporary:
             progress = _progress_counter(plan.output_bytes, on_progress)
-            with ShardWriter(temporary, plan, on_bytes=progress) as writer:
+            pin = engine.pins_host_memory
+            with ShardWriter(temporary, plan, on_bytes=progress, pin_memory=pin) as writer:
                 reports = stream(plan, engine, writer)
 
             result = MergeResult(Path(out), engine.name, reports)

@@ -187,9 +187,10 @@ def test_debug_shows_the_traceback(runner, tiny_pair, tmp_path):
     assert "no such file or directory" in str(result.exception)
 
 
-def test_cuda_is_refused_until_its_engine_lands(runner, tiny_pair, tmp_path):
+def test_cuda_without_a_gpu_is_refused(runner, tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = _run(runner, "slerp", *tiny_pair, "-o", tmp_path / "out", "--device", "cuda")
-    _assert_refused(result, tmp_path / "out", "--device cuda is not available")
+    _assert_refused(result, tmp_path / "out", "--device cuda: torch sees no CUDA device")
 
 
 def test_inspect_one_model_lists_tensors(runner, tiny_pair):

@@ -61,8 +61,9 @@ class Sink(Protocol):
         """A 1-D destination of at most `remaining` elements of planned.out_dtype."""
         ...
 
-    def commit(self, planned: PlannedTensor, filled: torch.Tensor) -> None:
-        """`filled` (the last destination taken) now holds its values."""
+    def commit(self, planned: PlannedTensor, filled: torch.Tensor, ready=None) -> None:
+        """`filled` (the last destination taken) holds its values once `ready` (a CUDA event,
+        or None) has completed."""
         ...
 
 
@@ -71,6 +72,8 @@ class Engine(ABC):
 
     name: str
     device: torch.device
+    pins_host_memory = False
+    """Whether sinks should hand out pinned host buffers (for asynchronous device copies)."""
 
     @abstractmethod
     def statistics(self, a: torch.Tensor, b: torch.Tensor) -> PairStatistics:
@@ -125,12 +128,7 @@ class Engine(ABC):
         def fill(lo: int, hi: int, out: torch.Tensor) -> None:
             self.blend(a[lo:hi], b[lo:hi], blend, out, math_dtype)
             if may_overflow and torch.isinf(out).any():
-                raise MergeError(
-                    f"tensor {planned.name!r}: the merged values overflow "
-                    f"{str(planned.out_dtype).removeprefix('torch.')} (largest finite "
-                    f"{torch.finfo(planned.out_dtype).max:g}); write the output as bfloat16 "
-                    "(--dtype bfloat16), which has the range of float32"
-                )
+                raise overflow_error(planned)
 
         self._fill(planned, sink, fill)
         return stats, blend
@@ -151,15 +149,50 @@ class Engine(ABC):
             done += out.numel()
 
 
-def select_engine(device: str = "auto") -> Engine:
-    """The engine for --device auto|cpu|cuda."""
+def overflow_error(planned: PlannedTensor) -> MergeError:
+    dtype = str(planned.out_dtype).removeprefix("torch.")
+    return MergeError(
+        f"tensor {planned.name!r}: the merged values overflow {dtype} (largest finite "
+        f"{torch.finfo(planned.out_dtype).max:g}); write the output as bfloat16 "
+        "(--dtype bfloat16), which has the range of float32"
+    )
+
+
+def select_engine(device: str | Engine = "auto") -> Engine:
+    """The engine for --device auto|cpu|cuda|cuda:N (an Engine is returned as it is).
+
+    auto takes the GPU when torch sees one and triton imports, and says so in the log.
+    """
     from .cpu import CpuEngine
 
-    if device not in DEVICES:
-        raise FastmergeError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda":
+    if isinstance(device, Engine):
+        return device
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise FastmergeError(
-            "--device cuda is not available yet: the CUDA streaming engine has not landed; "
-            "use --device cpu (or auto)"
+            f"unknown device {device!r}; choose one of {', '.join(DEVICES)} or cuda:N"
         )
-    return CpuEngine()
+    if device == "cpu":
+        return CpuEngine()
+
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return CpuEngine()
+        raise FastmergeError(
+            f"--device {device}: torch sees no CUDA device (torch {torch.__version__}, built "
+            f"for CUDA {torch.version.cuda}); use --device cpu, or install a CUDA build of torch"
+        )
+
+    try:
+        from .cuda import CudaEngine
+
+        return CudaEngine("cuda" if device == "auto" else device)
+    except ImportError as exc:
+        if device == "auto":
+            logger.warning(
+                "a GPU is visible but triton does not import (%s); merging on the CPU", exc
+            )
+            return CpuEngine()
+        raise FastmergeError(
+            f"--device {device} needs triton, which does not import ({exc}); install triton "
+            "or use --device cpu"
+        ) from None
