@@ -55,8 +55,16 @@ def test_pipeline_matches_the_reference_and_the_cpu_engine(tiny_pair, tmp_path, 
 
 def test_sharded_untied_output_and_linear_vectors(tiny_untied_sharded_pair, tmp_path, engine):
     a, b = tiny_untied_sharded_pair
-    result = fastmerge.merge(a, b, tmp_path / "out", 0.3, device=engine, shard_size=40_000,
-                             lerp_vectors=True, dtype="bfloat16")
+    result = fastmerge.merge(
+        a,
+        b,
+        tmp_path / "out",
+        0.3,
+        device=engine,
+        shard_size=40_000,
+        lerp_vectors=True,
+        dtype="bfloat16",
+    )
     merged = load_output(tmp_path / "out")
     norm_a = load_file(sorted(a.glob("*.safetensors"))[-1])["model.norm.weight"]
     norm_b = load_file(sorted(b.glob("*.safetensors"))[-1])["model.norm.weight"]
@@ -92,8 +100,10 @@ def test_non_finite_input_is_named(tiny_pair, tmp_path, engine):
 def test_overflow_is_detected(tmp_path, engine):
     for name, value in (("a", 60000.0), ("b", 90000.0)):
         (tmp_path / name).mkdir()
-        save_file({"w": torch.full((8,), value, dtype=torch.bfloat16)},
-                  tmp_path / name / "model.safetensors")
+        save_file(
+            {"w": torch.full((8,), value, dtype=torch.bfloat16)},
+            tmp_path / name / "model.safetensors",
+        )
     with pytest.raises(fastmerge.MergeError, match="overflow float16"):
         fastmerge.merge(tmp_path / "a", tmp_path / "b", tmp_path / "out", 0.6, device=engine)
 
