@@ -67,6 +67,9 @@ class SafetensorsFile:
         if self._map is None:
             with open(self.path, "rb") as handle:
                 self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            # Tensors are read front to back: ask for aggressive readahead on page faults,
+            # which is what a merge from a cold page cache waits on.
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
             if self._map.size() != self.size:
                 raise CheckpointError(
                     f"{self.path}: the file changed size while open ({self.size} bytes when "
@@ -119,11 +122,6 @@ class Checkpoint:
     def view(self, name: str) -> torch.Tensor:
         file, info = self.tensors[name]
         return file.view(info)
-
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading a tensor's pages in the background."""
-        file, info = self.tensors[name]
-        file.advise(info, mmap.MADV_WILLNEED)
 
     def release(self, name: str) -> None:
         """Drop a finished tensor's pages from this process (they stay in the page cache)."""
