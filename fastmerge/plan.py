@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from .errors import PlanError
 from .reader import Checkpoint
 from .safetensors_format import MERGEABLE_DTYPES
+from .schedule import Schedule, bind_t
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 """transformers' default max_shard_size ("5GB"), in bytes."""
@@ -72,9 +73,10 @@ class MergePlan:
     tensors: list[PlannedTensor]
     shard_names: list[str]
     out_dtype: torch.dtype
-    t: float | Callable[[str], float]
+    t: float | Schedule | Callable[[str], float]
     config: dict | None
     notes: list[str] = field(default_factory=list)
+    extrapolate: bool = False
 
     @property
     def output_bytes(self) -> int:
@@ -89,6 +91,23 @@ class MergePlan:
     def shard_tensors(self, shard: int) -> list[PlannedTensor]:
         return [p for p in self.tensors if p.shard == shard]
 
+    def with_t(self, t: float | str | list | Schedule | Callable[[str], float]) -> MergePlan:
+        """The same plan with every tensor's t taken from `t`; raises PlanError like build_plan.
+
+        Only t changes: the pairing, methods and shards stay, so a farm plans once and merges
+        at as many t values as it likes.
+        """
+        t = bind_t(t, self.a)
+        problems: list[str] = []
+        tensors = []
+        for planned in self.tensors:
+            tensor_t = _tensor_t(planned.name, t, self.extrapolate, problems)
+            if tensor_t is not None:
+                tensors.append(replace(planned, t=tensor_t))
+        if problems:
+            raise PlanError(problems)
+        return replace(self, tensors=tensors, t=t)
+
 
 def build_plan(
     a: Checkpoint,
@@ -101,9 +120,12 @@ def build_plan(
     extrapolate: bool = False,
     allow_architecture_mismatch: bool = False,
 ) -> MergePlan:
-    """Pair the tensors of `a` (the base) and `b` and plan the output, or raise PlanError."""
+    """Pair the tensors of `a` (the base) and `b` and plan the output, or raise PlanError.
+
+    `t` is a number, a Schedule (or mergekit's list form of one) or a callable name -> t.
+    """
     problems: list[str] = []
-    t_of = t if callable(t) else (lambda _name, value=float(t): value)
+    t = bind_t(t, a)
 
     if out_dtype not in OUTPUT_DTYPES.values():
         problems.append(
@@ -132,13 +154,8 @@ def build_plan(
             )
             continue
 
-        tensor_t = float(t_of(name))
-        if not (math.isfinite(tensor_t) and (extrapolate or 0.0 <= tensor_t <= 1.0)):
-            problems.append(
-                f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
-                if math.isfinite(tensor_t)
-                else f"{where}: t = {tensor_t} is not a number"
-            )
+        tensor_t = _tensor_t(name, t, extrapolate, problems)
+        if tensor_t is None:
             continue
 
         if info_a.dtype in MERGEABLE_DTYPES:
@@ -177,7 +194,28 @@ def build_plan(
     tensors, shard_names = _assign_shards(tensors, shard_size)
     knows_head = any(embedding in a.tensors for _, embedding in TIED_HEADS)
     config = _output_config(a.config, out_dtype, tied=not writes_head if knows_head else None)
-    return MergePlan(a, b, tensors, shard_names, out_dtype, t, config)
+    return MergePlan(a, b, tensors, shard_names, out_dtype, t, config, extrapolate=extrapolate)
+
+
+def _tensor_t(
+    name: str, t: float | Callable[[str], float], extrapolate: bool, problems: list[str]
+) -> float | None:
+    """The t of one tensor, or None with the problem added to `problems`."""
+    try:
+        tensor_t = float(t(name)) if callable(t) else t
+    except PlanError as exc:
+        problems += exc.problems
+        return None
+
+    if not (math.isfinite(tensor_t) and (extrapolate or 0.0 <= tensor_t <= 1.0)):
+        where = f"tensor {name!r}"
+        problems.append(
+            f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
+            if math.isfinite(tensor_t)
+            else f"{where}: t = {tensor_t} is not a number"
+        )
+        return None
+    return tensor_t
 
 
 def _config_mismatches(a: Checkpoint, b: Checkpoint) -> list[str]:
