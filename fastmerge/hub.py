@@ -96,7 +96,7 @@ def _refuse_pickle_only(huggingface_hub, repo_id: str) -> None:
         raise CheckpointError(
             f"{repo_id} holds only pickle checkpoints ({pickles[0]}, ...); loading one can run "
             "arbitrary code, so fastmerge only reads safetensors. Convert it once, in an "
-            "environment you trust: python -c \"from transformers import AutoModelForCausalLM "
+            'environment you trust: python -c "from transformers import AutoModelForCausalLM '
             f"as M; M.from_pretrained('{repo_id}').save_pretrained('local-copy')\" and merge "
             "local-copy"
         )

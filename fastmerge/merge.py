@@ -225,37 +225,34 @@ class Pair:
                 f"a sweep needs one target per t: {len(ts)} t value(s), {len(into)} target(s)"
             )
         plans = [self.plan.with_t(t) for t in ts]
-        directories = [isinstance(target, str | os.PathLike) for target in into]
-        transactions = self._transactions(into, directories, force)
+        transactions = self._transactions(into, force)
         started = time.perf_counter()
 
         with ExitStack() as outputs:
             temporaries = [outputs.enter_context(tr) if tr else None for tr in transactions]
-            total = sum(p.output_bytes for p, is_dir in zip(plans, directories) if is_dir)
-            progress = _progress_counter(total, on_progress)
+            directory_bytes = sum(
+                p.output_bytes for p, d in zip(plans, temporaries, strict=True) if d
+            )
+            on_bytes = _progress_counter(directory_bytes, on_progress)
 
             with ExitStack() as writing:
                 sinks = [
-                    writing.enter_context(ShardWriter(temporary, plan, on_bytes=progress))
+                    writing.enter_context(ShardWriter(temporary, plan, on_bytes=on_bytes))
                     if temporary is not None
                     else _sink_for(target, plan)
-                    for plan, target, temporary in zip(plans, into, temporaries)
+                    for plan, target, temporary in zip(plans, into, temporaries, strict=True)
                 ]
                 reports = [[] for _ in plans]
                 for _, tensor_reports in self._stream(plans, sinks):
-                    for collected, report in zip(reports, tensor_reports):
+                    for collected, report in zip(reports, tensor_reports, strict=True):
                         collected.append(report)
 
             results = []
-            for plan, target, temporary, collected in zip(plans, into, temporaries, reports):
-                result = MergeResult(
-                    Path(target) if temporary is not None else None, self.engine.name, collected
-                )
-                result.bytes_read = self._bytes_read(plan)
-                result.bytes_written = plan.output_bytes
+            for index, temporary in enumerate(temporaries):
+                output = None if temporary is None else Path(into[index])
+                results.append(self._result(plans[index], output, reports[index]))
                 if temporary is not None:
-                    _write_companions(plan, temporary, *self.names, result)
-                results.append(result)
+                    _write_companions(plans[index], temporary, *self.names, results[-1])
 
             for transaction in filter(None, transactions):
                 transaction.commit()
@@ -286,22 +283,32 @@ class Pair:
             engine = CpuEngine(engine.chunk_elements, threads=1)
         return stream_each(plans, engine, sinks, statistics=self.statistics)
 
-    def _bytes_read(self, plan: MergePlan) -> int:
-        return plan.input_bytes
+    def _result(
+        self, plan: MergePlan, output: Path | None, reports: list[TensorReport]
+    ) -> MergeResult:
+        result = MergeResult(output, self.engine.name, reports)
+        result.bytes_read = self._bytes_read()
+        result.bytes_written = plan.output_bytes
+        return result
 
-    def _transactions(
-        self, into: Sequence[Target], directories: list[bool], force: bool
-    ) -> list[OutputTransaction | None]:
-        """Check every destination before anything is written."""
-        paths = [Path(target).resolve() for target, d in zip(into, directories) if d]
-        if len(set(paths)) != len(paths):
+    def _bytes_read(self) -> int:
+        return self.plan.input_bytes
+
+    def _transactions(self, into: Sequence[Target], force: bool) -> list[OutputTransaction | None]:
+        """An output transaction for each directory target, every destination checked before
+        anything is written; None for in-memory targets."""
+        directories = [
+            Path(target) if isinstance(target, str | os.PathLike) else None for target in into
+        ]
+        resolved = [path.resolve() for path in directories if path is not None]
+        if len(set(resolved)) != len(resolved):
             raise FastmergeError(
                 "the outputs of a sweep must be different directories; give the output name "
                 "a {t} placeholder (-o 'out-{t}')"
             )
         return [
-            OutputTransaction(target, self._roots, force=force) if is_dir else None
-            for target, is_dir in zip(into, directories)
+            OutputTransaction(path, self._roots, force=force) if path is not None else None
+            for path in directories
         ]
 
 
@@ -330,11 +337,8 @@ class MergedTensors:
             reports.append(report)
             yield planned.name, self._sink.state_dict.pop(planned.name)
 
-        result = MergeResult(None, engine.name, reports)
-        result.bytes_read = self._pair._bytes_read(self._plan)
-        result.bytes_written = self._plan.output_bytes
-        result.seconds = time.perf_counter() - started
-        self.result = result
+        self.result = self._pair._result(self._plan, None, reports)
+        self.result.seconds = time.perf_counter() - started
 
 
 def stream(plan: MergePlan, engine: Engine, sink: Sink) -> list[TensorReport]:
@@ -371,7 +375,7 @@ def stream_each(
         for index, merged in enumerate(engine.run(jobs(), sinks[0])):
             job = merged.job
             reports = [_report(job.planned, merged.stats, merged.blend)]
-            for plan, sink in zip(plans[1:], sinks[1:]):
+            for plan, sink in zip(plans[1:], sinks[1:], strict=True):
                 planned = plan.tensors[index]
                 stats, blend = engine.merge_tensor(planned, job.a, job.b, sink, merged.stats)
                 reports.append(_report(planned, stats, blend))

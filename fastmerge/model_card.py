@@ -52,7 +52,7 @@ def mergekit_recipe(
                     f"        layer_range: [{start}, {end}]",
                 ]
     else:
-        inputs = ["models:", f"  - model: {_yaml_scalar(base)}", f"  - model: {_yaml_scalar(other)}"]
+        inputs = ["models:", *(f"  - model: {_yaml_scalar(model)}" for model in (base, other))]
 
     return "\n".join(
         [
@@ -110,8 +110,8 @@ def model_card(
     else:
         recipe = mergekit_recipe(base, other, t_parameter, out_dtype, slices)
         recipe_section = (
-            "The same merge with fastmerge (`fastmerge run recipe.yml -o OUT`) or mergekit "
-            f"(`mergekit-yaml recipe.yml OUT`):\n\n```yaml\n{recipe}\n```"
+            "The same merge with fastmerge (`fastmerge run recipe.yml -o OUT`) or with\n"
+            f"mergekit (`mergekit-yaml recipe.yml OUT`):\n\n```yaml\n{recipe}\n```"
         )
     summary = result.angle_summary()
     angles = (

@@ -18,7 +18,7 @@ import torch
 from .errors import PlanError
 from .reader import Checkpoint
 from .safetensors_format import MERGEABLE_DTYPES
-from .schedule import Schedule, bind_t
+from .schedule import Schedule, UnmatchedTensor, bind_t
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 """transformers' default max_shard_size ("5GB"), in bytes."""
@@ -98,14 +98,10 @@ class MergePlan:
         at as many t values as it likes.
         """
         t = bind_t(t, self.a)
-        problems: list[str] = []
-        tensors = []
-        for planned in self.tensors:
-            tensor_t = _tensor_t(planned.name, t, self.extrapolate, problems)
-            if tensor_t is not None:
-                tensors.append(replace(planned, t=tensor_t))
+        values, problems = _t_values([p.name for p in self.tensors], t, self.extrapolate)
         if problems:
             raise PlanError(problems)
+        tensors = [replace(planned, t=values[planned.name]) for planned in self.tensors]
         return replace(self, tensors=tensors, t=t)
 
 
@@ -138,6 +134,8 @@ def build_plan(
 
     sources, head_problems, writes_head = _pair_names(a, b)
     problems += head_problems
+    t_values, t_problems = _t_values(list(sources), t, extrapolate)
+    problems += t_problems
 
     tensors: list[PlannedTensor] = []
     for name, (source_a, source_b) in sources.items():
@@ -154,8 +152,7 @@ def build_plan(
             )
             continue
 
-        tensor_t = _tensor_t(name, t, extrapolate, problems)
-        if tensor_t is None:
+        if name not in t_values:
             continue
 
         if info_a.dtype in MERGEABLE_DTYPES:
@@ -179,7 +176,7 @@ def build_plan(
                 info_a.dtype,
                 target,
                 method,
-                tensor_t,
+                t_values[name],
                 source_a,
                 source_b,
                 shard=-1,
@@ -197,25 +194,39 @@ def build_plan(
     return MergePlan(a, b, tensors, shard_names, out_dtype, t, config, extrapolate=extrapolate)
 
 
-def _tensor_t(
-    name: str, t: float | Callable[[str], float], extrapolate: bool, problems: list[str]
-) -> float | None:
-    """The t of one tensor, or None with the problem added to `problems`."""
-    try:
-        tensor_t = float(t(name)) if callable(t) else t
-    except PlanError as exc:
-        problems += exc.problems
-        return None
+def _t_values(
+    names: list[str], t: float | Callable[[str], float], extrapolate: bool
+) -> tuple[dict[str, float], list[str]]:
+    """The t of every tensor that has a valid one, and the problems of the others."""
+    values: dict[str, float] = {}
+    problems: list[str] = []
+    unmatched: list[str] = []
+    for name in names:
+        try:
+            tensor_t = float(t(name)) if callable(t) else t
+        except UnmatchedTensor:
+            unmatched.append(name)
+            continue
+        except PlanError as exc:
+            problems += exc.problems
+            continue
 
-    if not (math.isfinite(tensor_t) and (extrapolate or 0.0 <= tensor_t <= 1.0)):
         where = f"tensor {name!r}"
+        if not math.isfinite(tensor_t):
+            problems.append(f"{where}: t = {tensor_t} is not a number")
+        elif not (extrapolate or 0.0 <= tensor_t <= 1.0):
+            problems.append(
+                f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
+            )
+        else:
+            values[name] = tensor_t
+
+    if unmatched:
         problems.append(
-            f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
-            if math.isfinite(tensor_t)
-            else f"{where}: t = {tensor_t} is not a number"
+            _list_problem("match no entry of the t schedule", unmatched)
+            + "; add a last entry without a filter (`- value: 0.5`, or `--t 0.5`) for the rest"
         )
-        return None
-    return tensor_t
+    return values, problems
 
 
 def _config_mismatches(a: Checkpoint, b: Checkpoint) -> list[str]:

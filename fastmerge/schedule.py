@@ -35,6 +35,11 @@ class ScheduleError(FastmergeError):
     """A t schedule that cannot be read (bad syntax, wrong types)."""
 
 
+class UnmatchedTensor(LookupError):
+    """No entry of a schedule matches this tensor (mergekit fails on it too); the plan
+    reports every such tensor in one problem."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One `{filter, value}` entry; a filter of None matches every tensor."""
@@ -181,13 +186,7 @@ class Schedule:
                     return entry.value
                 return gradient_value(entry.value, self.position(name))
 
-        filters = ", ".join(repr(e.filter) for e in self.entries)
-        raise PlanError(
-            [
-                f"tensor {name!r}: no entry of the t schedule matches it (filters {filters}); "
-                "add a last entry without a filter (`- value: 0.5`, or `--t 0.5`) for the rest"
-            ]
-        )
+        raise UnmatchedTensor(name)
 
 
 def bind_t(t: object, a) -> object:

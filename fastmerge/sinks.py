@@ -77,11 +77,8 @@ class ModuleSink:
         problems += _tie_problems(self.targets, named)
 
         if problems:
-            raise OutputError(
-                "\n".join(
-                    ["the merge cannot be written into this module:", *(f"  - {p}" for p in problems)]
-                )
-            )
+            heading = "the merge cannot be written into this module:"
+            raise OutputError("\n".join([heading, *(f"  - {p}" for p in problems)]))
 
     def take(self, planned: PlannedTensor, remaining: int) -> torch.Tensor:
         return self.targets[planned.name].view(-1)[planned.numel - remaining :]
