@@ -271,15 +271,17 @@ class Pair:
     # Streaming.
 
     def _stream(
-        self, plans: list[MergePlan], sinks: list[Sink]
+        self, plans: list[MergePlan], sinks: list[Sink], *, sequential: bool = False
     ) -> Iterator[tuple[PlannedTensor, list[TensorReport]]]:
-        # Torch's own threads serve the blends best once every statistic is known; the CPU
-        # engine's look-ahead thread (and its thread-count switch) serves the first pass.
+        # The CPU engine's look-ahead thread computes statistics beside the blends, and sets
+        # torch to one thread while it runs. Once every statistic is known, torch's own
+        # threads serve the blends better; an iterator (`sequential`) must not leave torch
+        # single-threaded while the caller's code runs between two tensors.
         engine = self.engine
         known = all(
             p.name in self.statistics for p in plans[0].tensors if p.method is not Method.COPY
         )
-        if known and isinstance(engine, CpuEngine):
+        if (known or sequential) and isinstance(engine, CpuEngine):
             engine = CpuEngine(engine.chunk_elements, threads=1)
         return stream_each(plans, engine, sinks, statistics=self.statistics)
 
@@ -327,13 +329,7 @@ class MergedTensors:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
         reports = []
-        # Sequential engine: no thread-count switch while the caller's code runs in between.
-        engine = self._pair.engine
-        if isinstance(engine, CpuEngine):
-            engine = CpuEngine(engine.chunk_elements, threads=1)
-
-        stream = stream_each([self._plan], engine, [self._sink], self._pair.statistics)
-        for planned, (report,) in stream:
+        for planned, (report,) in self._pair._stream([self._plan], [self._sink], sequential=True):
             reports.append(report)
             yield planned.name, self._sink.state_dict.pop(planned.name)
 
