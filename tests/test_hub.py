@@ -101,3 +101,31 @@ def test_without_huggingface_hub_the_message_says_how_to_install_it(monkeypatch)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(CheckpointError, match=r"pip install 'fastmerge\[hub\]'"):
         hub.resolve("org/anything")
+
+
+def test_a_snapshot_link_leaving_its_repository_is_still_refused(offline_cache, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "outside.safetensors")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "model-00001-of-00001.safetensors"}}'
+    )
+    snapshot = write_hub_cache(offline_cache, "org/escape", model)
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(CheckpointError, match="through a symbolic link"):
+        open_checkpoint(hub.resolve("org/escape"))
+
+
+def test_hub_ids_on_the_command_line(runner, tiny_pair, offline_cache, tmp_path):
+    from fastmerge.cli import app
+
+    write_hub_cache(offline_cache, "org/base", tiny_pair[0])
+    write_hub_cache(offline_cache, "org/other", tiny_pair[1])
+    result = runner.invoke(app, ["slerp", "org/base", "org/other", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    fastmerge.merge(*tiny_pair, tmp_path / "local", 0.5)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "local" / "model.safetensors"
+    ).read_bytes()
