@@ -130,13 +130,15 @@ def sweep(
     **options,
 ) -> list[MergeResult]:
     """Merge `a` and `b` at every t of `ts` into the matching directory of `outs`, reading
-    each tensor pair once. All outputs appear, or none; `options` are merge()'s."""
+    each tensor pair once. The outputs are moved into place together at the end: a failure
+    before that leaves none. `options` are merge()'s."""
     started = time.perf_counter()
     with Pair(a, b, t=ts[0] if ts else 0.5, **options) as pair:
         results = pair.sweep(ts, outs, force=force, on_progress=on_progress)
 
+    seconds = time.perf_counter() - started
     for result in results:
-        result.seconds = time.perf_counter() - started
+        result.seconds = seconds
     return results
 
 
