@@ -26,7 +26,6 @@ message naming the key.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,8 +37,6 @@ from .reader import open_checkpoint
 from .result import MergeResult
 from .safetensors_format import MERGEABLE_DTYPES
 from .schedule import Schedule, ScheduleError
-
-logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = (
     "merge_method",

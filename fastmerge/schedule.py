@@ -138,14 +138,6 @@ class Schedule:
 
     # Evaluating schedules.
 
-    @property
-    def constant(self) -> float | None:
-        """The one t of every tensor, if the schedule is a single number."""
-        if len(self.entries) == 1 and self.entries[0].filter is None:
-            value = self.entries[0].value
-            return value if isinstance(value, float) else None
-        return None
-
     def bind(self, num_layers: int) -> Schedule:
         """This schedule for a model of `num_layers` layers; raises PlanError if the slices
         do not cover exactly those layers."""

@@ -8,14 +8,10 @@ tensor the caller will use, on whatever device that tensor lives.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .errors import OutputError
 from .plan import MergePlan, PlannedTensor
-
-logger = logging.getLogger(__name__)
 
 
 class StateDictSink:

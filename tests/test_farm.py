@@ -15,6 +15,7 @@ from fastmerge.engine.cpu import CpuEngine
 from fastmerge.reader import SafetensorsFile
 from fastmerge.writer import ShardWriter
 
+from .conftest import copy_model
 from .test_merge import load_output, no_leftovers
 
 SCHEDULE = [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}]
@@ -228,12 +229,26 @@ def test_t_schedules_on_the_command_line(tiny_pair, tmp_path, reference):
 
 
 def test_the_memory_budget_is_enforced_before_anything_is_copied(tiny_pair):
-    needed = sum(p.stat().st_size for p in (tiny_pair[0] / "model.safetensors",))
-    with pytest.raises(fastmerge.FastmergeError, match=r"needs [\d,]+ bytes, more than"):
-        fastmerge.ResidentPair(*tiny_pair, memory_budget=needed // 2)
-    with fastmerge.ResidentPair(*tiny_pair, memory_budget=10**7) as pair:
-        assert 0 < pair.resident_bytes <= 2 * needed
-        assert all(file._map is None for file in pair.plan.a.files + pair.plan.b.files)
+    # Both models, each tensor once (the tied head shares the embeddings).
+    resident = sum(tensor.nbytes for model in tiny_pair for tensor in load_output(model).values())
+    with pytest.raises(fastmerge.FastmergeError, match=f"needs {resident:,} bytes, more than"):
+        fastmerge.ResidentPair(*tiny_pair, memory_budget=resident - 1)
+    with fastmerge.ResidentPair(*tiny_pair, memory_budget=resident) as pair:
+        assert pair.resident_bytes == resident
+
+
+def test_a_resident_pair_reads_nothing_after_loading(tiny_pair, reference, tmp_path):
+    models = [copy_model(model, tmp_path / model.name) for model in tiny_pair]
+    with fastmerge.ResidentPair(*models, memory_budget=10**7) as pair:
+        # Overwrite the files in place: a merge that still read them would see zeros.
+        for model in models:
+            path = model / "model.safetensors"
+            with open(path, "r+b") as handle:
+                handle.seek(1024)
+                handle.write(bytes(path.stat().st_size - 1024))
+        sink = fastmerge.StateDictSink()
+        pair.merge(0.6, sink)
+    assert_same_tensors(sink.state_dict, reference[("0.6", "float16")])
 
 
 def _module(tied: bool, dtype=torch.float16, extra: bool = False) -> torch.nn.Module:
