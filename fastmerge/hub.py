@@ -17,14 +17,22 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .output import COMPANION_FILES
-from .reader import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES
+from .reader import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 
 logger = logging.getLogger(__name__)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
 """`org/name`: one slash, no leading dot or slash, so that it cannot be a relative path."""
 
-ALLOW_PATTERNS = ["*.safetensors", INDEX_FILE, CONFIG_FILE, *COMPANION_FILES]
+ALLOW_PATTERNS = [
+    SINGLE_FILE,
+    "model-*-of-*.safetensors",
+    INDEX_FILE,
+    CONFIG_FILE,
+    *COMPANION_FILES,
+]
+"""What transformers saves: not other weights some repositories carry beside them (Mistral's
+consolidated.safetensors would double the download)."""
 
 _TRUE = {"1", "true", "yes", "on"}
 

@@ -129,3 +129,42 @@ def test_hub_ids_on_the_command_line(runner, tiny_pair, offline_cache, tmp_path)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
         tmp_path / "local" / "model.safetensors"
     ).read_bytes()
+
+
+def test_only_the_files_a_merge_uses_are_downloaded(monkeypatch, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    listing = [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "consolidated.safetensors",
+        "pytorch_model.bin",
+        "onnx/model.onnx",
+        "README.md",
+    ]
+    calls = {}
+
+    class FakeHub:
+        class HfApi:
+            def list_repo_files(self, repo_id):
+                return listing
+
+        @staticmethod
+        def snapshot_download(repo_id, **kwargs):
+            calls.update(kwargs, repo_id=repo_id)
+            return str(tmp_path)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", FakeHub)
+    assert hub.resolve("org/model") == tmp_path
+    assert calls["repo_id"] == "org/model" and calls["local_files_only"] is False
+
+    selected = set(filter_repo_objects(listing, allow_patterns=calls["allow_patterns"]))
+    assert selected == set(listing[:8])
