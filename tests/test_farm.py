@@ -319,3 +319,16 @@ def test_the_readme_example_runs(tiny_pair, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(example, "README.md (Merge farms)", "exec"), namespace)
     assert (tmp_path / "merged-0.6" / "model.safetensors").exists()
+
+
+def test_a_non_finite_input_is_found_while_loading(tiny_pair, tmp_path):
+    from safetensors.torch import save_file
+
+    damaged = copy_model(tiny_pair[1], tmp_path / "damaged")
+    tensors = load_output(damaged)
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 3] = float("inf")
+    save_file(tensors, damaged / "model.safetensors")
+    with pytest.raises(fastmerge.MergeError) as caught:
+        fastmerge.ResidentPair(tiny_pair[0], damaged, memory_budget=10**7)
+    message = str(caught.value)
+    assert "'model.layers.1.self_attn.q_proj.weight'" in message and str(damaged) in message
