@@ -149,12 +149,26 @@ def _print_summary(result) -> None:
     console.print(f"output: {result.output}")
 
 
+T_HELP = (
+    "0 gives A, 1 gives B. A number (0.6), a gradient over the layers (0,0.5,0.3,0.7,1), or "
+    "repeated with filters (--t self_attn=0,0.5,1 --t mlp=1,0.5,0 --t 0.5; first match wins)."
+)
+
+
 @app.command()
 def slerp(
-    a: Annotated[Path, typer.Argument(help="Base model: directory, index or .safetensors file.")],
+    a: Annotated[
+        Path, typer.Argument(help="Base model: directory, index, .safetensors file or Hub id.")
+    ],
     b: Annotated[Path, typer.Argument(help="The other model, of the same architecture.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
-    t: Annotated[float, typer.Option("--t", help="0 gives A, 1 gives B.")] = 0.5,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output directory ('out-{t}' with --sweep).")
+    ],
+    t: Annotated[Optional[list[str]], typer.Option("--t", help=T_HELP)] = None,  # noqa: UP045 (typer needs Optional on 3.10)
+    sweep: Annotated[
+        Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+        typer.Option(help="Several t values (0.2,0.4,0.6) from one read of the inputs."),
+    ] = None,
     dtype: Annotated[
         str, typer.Option(help=f"Output dtype: {'|'.join(OUTPUT_DTYPES)}.")
     ] = "float16",
@@ -174,14 +188,21 @@ def slerp(
     debug: DebugOption = False,
 ) -> None:
     """SLERP-merge model A (the base) with model B at t into a new directory."""
-    from .merge import merge
+    from .merge import sweep as sweep_merge
+    from .schedule import Schedule
 
     with _reported_errors(debug), _progress(quiet, "merging") as on_progress:
-        result = merge(
+        if sweep is not None:
+            if t:
+                raise FastmergeError("--sweep gives the t values; leave out --t")
+            ts, outputs = _sweep_outputs(sweep, str(output))
+        else:
+            ts, outputs = [Schedule.from_cli(t) if t else 0.5], [output]
+        results = sweep_merge(
             a,
             b,
-            output,
-            t,
+            ts,
+            outputs,
             dtype=dtype,
             shard_size=parse_size(shard_size),
             device=device,
@@ -189,6 +210,53 @@ def slerp(
             lerp_vectors=lerp_vectors,
             extrapolate=extrapolate,
             allow_architecture_mismatch=allow_architecture_mismatch,
+            on_progress=on_progress,
+        )
+    if not quiet:
+        for result in results:
+            _print_summary(result)
+
+
+def _sweep_outputs(values: str, template: str) -> tuple[list[float], list[Path]]:
+    """The t values of --sweep and an output directory for each, from the -o template."""
+    texts = [text.strip() for text in values.split(",") if text.strip()]
+    try:
+        ts = [float(text) for text in texts]
+    except ValueError:
+        raise FastmergeError(
+            f"--sweep {values!r}: expected numbers separated by commas, such as 0.2,0.4,0.6"
+        ) from None
+    if "{t}" not in template:
+        raise FastmergeError(
+            f"--sweep writes one directory per t: put {{t}} in the output name, e.g. -o "
+            f"'{template}-{{t}}'"
+        )
+    return ts, [Path(template.replace("{t}", text)) for text in texts]
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A mergekit SLERP recipe (YAML).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, in bytes (or 5GB, 2GiB).")
+    ] = str(DEFAULT_SHARD_SIZE),
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output once done.")] = False,
+    extrapolate: Annotated[bool, typer.Option(help="Allow t outside [0, 1].")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run a mergekit SLERP recipe: models, slices, t schedules, dtype, out_dtype."""
+    from .recipe import load_recipe
+
+    with _reported_errors(debug), _progress(quiet, "merging") as on_progress:
+        result = load_recipe(recipe).merge(
+            output,
+            shard_size=parse_size(shard_size),
+            device=device,
+            force=force,
+            extrapolate=extrapolate,
             on_progress=on_progress,
         )
     if not quiet:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from .errors import PlanError
 from .reader import Checkpoint
 from .safetensors_format import MERGEABLE_DTYPES
+from .schedule import Schedule, UnmatchedTensor, bind_t
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 """transformers' default max_shard_size ("5GB"), in bytes."""
@@ -72,9 +73,10 @@ class MergePlan:
     tensors: list[PlannedTensor]
     shard_names: list[str]
     out_dtype: torch.dtype
-    t: float | Callable[[str], float]
+    t: float | Schedule | Callable[[str], float]
     config: dict | None
     notes: list[str] = field(default_factory=list)
+    extrapolate: bool = False
 
     @property
     def output_bytes(self) -> int:
@@ -89,6 +91,19 @@ class MergePlan:
     def shard_tensors(self, shard: int) -> list[PlannedTensor]:
         return [p for p in self.tensors if p.shard == shard]
 
+    def with_t(self, t: float | str | list | Schedule | Callable[[str], float]) -> MergePlan:
+        """The same plan with every tensor's t taken from `t`; raises PlanError like build_plan.
+
+        Only t changes: the pairing, methods and shards stay, so a farm plans once and merges
+        at as many t values as it likes.
+        """
+        t = bind_t(t, self.a)
+        values, problems = _t_values([p.name for p in self.tensors], t, self.extrapolate)
+        if problems:
+            raise PlanError(problems)
+        tensors = [replace(planned, t=values[planned.name]) for planned in self.tensors]
+        return replace(self, tensors=tensors, t=t)
+
 
 def build_plan(
     a: Checkpoint,
@@ -101,9 +116,12 @@ def build_plan(
     extrapolate: bool = False,
     allow_architecture_mismatch: bool = False,
 ) -> MergePlan:
-    """Pair the tensors of `a` (the base) and `b` and plan the output, or raise PlanError."""
+    """Pair the tensors of `a` (the base) and `b` and plan the output, or raise PlanError.
+
+    `t` is a number, a Schedule (or mergekit's list form of one) or a callable name -> t.
+    """
     problems: list[str] = []
-    t_of = t if callable(t) else (lambda _name, value=float(t): value)
+    t = bind_t(t, a)
 
     if out_dtype not in OUTPUT_DTYPES.values():
         problems.append(
@@ -116,6 +134,8 @@ def build_plan(
 
     sources, head_problems, writes_head = _pair_names(a, b)
     problems += head_problems
+    t_values, t_problems = _t_values(list(sources), t, extrapolate)
+    problems += t_problems
 
     tensors: list[PlannedTensor] = []
     for name, (source_a, source_b) in sources.items():
@@ -132,13 +152,7 @@ def build_plan(
             )
             continue
 
-        tensor_t = float(t_of(name))
-        if not (math.isfinite(tensor_t) and (extrapolate or 0.0 <= tensor_t <= 1.0)):
-            problems.append(
-                f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
-                if math.isfinite(tensor_t)
-                else f"{where}: t = {tensor_t} is not a number"
-            )
+        if name not in t_values:
             continue
 
         if info_a.dtype in MERGEABLE_DTYPES:
@@ -162,7 +176,7 @@ def build_plan(
                 info_a.dtype,
                 target,
                 method,
-                tensor_t,
+                t_values[name],
                 source_a,
                 source_b,
                 shard=-1,
@@ -177,7 +191,42 @@ def build_plan(
     tensors, shard_names = _assign_shards(tensors, shard_size)
     knows_head = any(embedding in a.tensors for _, embedding in TIED_HEADS)
     config = _output_config(a.config, out_dtype, tied=not writes_head if knows_head else None)
-    return MergePlan(a, b, tensors, shard_names, out_dtype, t, config)
+    return MergePlan(a, b, tensors, shard_names, out_dtype, t, config, extrapolate=extrapolate)
+
+
+def _t_values(
+    names: list[str], t: float | Callable[[str], float], extrapolate: bool
+) -> tuple[dict[str, float], list[str]]:
+    """The t of every tensor that has a valid one, and the problems of the others."""
+    values: dict[str, float] = {}
+    problems: list[str] = []
+    unmatched: list[str] = []
+    for name in names:
+        try:
+            tensor_t = float(t(name)) if callable(t) else t
+        except UnmatchedTensor:
+            unmatched.append(name)
+            continue
+        except PlanError as exc:
+            problems += exc.problems
+            continue
+
+        where = f"tensor {name!r}"
+        if not math.isfinite(tensor_t):
+            problems.append(f"{where}: t = {tensor_t} is not a number")
+        elif not (extrapolate or 0.0 <= tensor_t <= 1.0):
+            problems.append(
+                f"{where}: t = {tensor_t} is outside [0, 1]; pass --extrapolate to allow it"
+            )
+        else:
+            values[name] = tensor_t
+
+    if unmatched:
+        problems.append(
+            _list_problem("match no entry of the t schedule", unmatched)
+            + "; add a last entry without a filter (`- value: 0.5`, or `--t 0.5`) for the rest"
+        )
+    return values, problems
 
 
 def _config_mismatches(a: Checkpoint, b: Checkpoint) -> list[str]:

@@ -258,7 +258,7 @@ def _shard_path(directory: Path, file_name: str, index_path: Path) -> Path:
         )
 
     resolved = (directory / candidate).resolve()
-    if not resolved.is_relative_to(directory.resolve()):
+    if not any(resolved.is_relative_to(root) for root in _trusted_roots(directory)):
         raise CheckpointError(
             f"{index_path}: shard {file_name!r} resolves to {resolved}, outside the model "
             "directory (through a symbolic link); an index may only name files beside it"
@@ -268,3 +268,13 @@ def _shard_path(directory: Path, file_name: str, index_path: Path) -> Path:
             f"{index_path}: shard {file_name!r} is missing; download the model again"
         )
     return resolved
+
+
+def _trusted_roots(directory: Path) -> list[Path]:
+    """Where an index's shards may lie: the model directory, and for a snapshot in a
+    huggingface_hub cache (`models--org--name/snapshots/<rev>/`, whose files are links into
+    `models--org--name/blobs/`) that repository's blobs."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots

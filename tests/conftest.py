@@ -10,7 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastmerge.synthetic import write_pair
+from fastmerge.synthetic import PRESETS, ModelShape, write_pair
+
+TINY_30_LAYERS = ModelShape(**{**PRESETS["tiny"].__dict__, "layers": 30})
+"""The tiny widths with SmolLM-135M's 30 layers, for recipes with layer_range [0, 30]."""
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +31,12 @@ def tiny_pair(pair_cache: Path) -> tuple[Path, Path]:
 def tiny_untied_sharded_pair(pair_cache: Path) -> tuple[Path, Path]:
     """An untied pair, each model in 3 shards with an index."""
     return write_pair(pair_cache / "untied-sharded", "tiny", tied=False, shards=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_30_layer_pair(pair_cache: Path) -> tuple[Path, Path]:
+    """A tied pair of 30 tiny layers: base and "instruct". Tests must not modify it."""
+    return write_pair(pair_cache / "tiny-30", TINY_30_LAYERS, names=("base", "instruct"))
 
 
 @pytest.fixture
@@ -58,3 +67,22 @@ def entries_of(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def write_hub_cache(cache: Path, repo_id: str, model: Path, revision: str = "0" * 40) -> Path:
+    """Lay `model`'s files out as huggingface_hub caches a download of `repo_id`: blobs, a
+    snapshot of links to them, and refs/main. Returns the snapshot directory."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    for path in model.iterdir():
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snapshot

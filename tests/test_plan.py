@@ -109,7 +109,7 @@ def test_both_tied_stays_tied_and_both_untied_stays_untied(tmp_path):
 def test_a_missing_head_with_an_untied_config_is_an_incomplete_checkpoint(tmp_path):
     a = _model(tmp_path / "a", _llama(tied=True), tie_word_embeddings=False)
     b = _model(tmp_path / "b", _llama(tied=False), tie_word_embeddings=False)
-    with pytest.raises(PlanError, match=r"has no lm_head.weight .* incomplete"):
+    with pytest.raises(PlanError, match=r"has no lm_head\.weight .* incomplete"):
         _plan(a, b)
 
 

@@ -30,7 +30,7 @@ def test_views_match_the_safetensors_library(tiny_untied_sharded_pair):
     base = tiny_untied_sharded_pair[0]
     with open_checkpoint(base) as checkpoint:
         assert len(checkpoint.files) == 3
-        for name, (file, _) in checkpoint.tensors.items():
+        for name, (file, _info) in checkpoint.tensors.items():
             with safe_open(file.path, "pt") as reference:
                 assert torch.equal(checkpoint.view(name), reference.get_tensor(name)), name
 
@@ -190,7 +190,7 @@ def test_index_naming_absent_tensors_or_files_is_refused(tmp_path):
         open_checkpoint(tmp_path)
 
     _write_index(tmp_path, {"w": "missing.safetensors"})
-    with pytest.raises(CheckpointError, match=r"shard 'missing.safetensors' is missing"):
+    with pytest.raises(CheckpointError, match=r"shard 'missing\.safetensors' is missing"):
         open_checkpoint(tmp_path)
 
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": []}')
