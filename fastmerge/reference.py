@@ -18,6 +18,22 @@ DOT_THRESHOLD = 0.9995
 """Above this |cos θ| the pair is treated as parallel and linearly interpolated."""
 
 
+def slerp_coefficients_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[float, float]:
+    """coef_a, coef_b of SLERP at t for a pair, from float64 norms and dot product."""
+    a64 = a.detach().to("cpu", torch.float64).reshape(-1)
+    b64 = b.detach().to("cpu", torch.float64).reshape(-1)
+    norm_a = a64.norm().item()
+    norm_b = b64.norm().item()
+    scale_a = norm_a if norm_a > NORM_EPS else 1.0
+    scale_b = norm_b if norm_b > NORM_EPS else 1.0
+    dot = min(1.0, max(-1.0, torch.dot(a64, b64).item() / (scale_a * scale_b)))
+
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp_reference(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -29,25 +45,45 @@ def slerp_reference(
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
 
+    coef_a, coef_b = slerp_coefficients_reference(a, b, t)
+    a64 = a.detach().to("cpu", torch.float64)
+    b64 = b.detach().to("cpu", torch.float64)
+    return (coef_a * a64 + coef_b * b64).to(out_dtype)
+
+
+def slerp_mismatches(
+    got: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    math_dtype: torch.dtype,
+    max_ulps: int = 1,
+) -> torch.Tensor:
+    """A mask of the elements of `got` that are not a faithful SLERP of a and b at t.
+
+    An element passes when it is within `max_ulps` ulps of the output dtype of the float64
+    reference, or of the rounding of some value within the math dtype's floor of the exact
+    result: math in dtype D rounds ca·a and cb·b at one ulp of D of their size, which is
+    many ulps of a result where the two nearly cancel (and where the output dtype, like
+    bfloat16, has the range to show it). That floor is what mergekit's float32 math has too.
+    """
+    out_dtype = got.dtype
+    got = got.detach().cpu().reshape(-1)
+    coef_a, coef_b = slerp_coefficients_reference(a, b, t)
     a64 = a.detach().to("cpu", torch.float64).reshape(-1)
     b64 = b.detach().to("cpu", torch.float64).reshape(-1)
+    exact = coef_a * a64 + coef_b * b64
 
-    norm_a = a64.norm().item()
-    norm_b = b64.norm().item()
-    unit_a = a64 / norm_a if norm_a > NORM_EPS else a64
-    unit_b = b64 / norm_b if norm_b > NORM_EPS else b64
-    dot = min(1.0, max(-1.0, torch.dot(unit_a, unit_b).item()))
-
-    if abs(dot) > DOT_THRESHOLD:
-        out = (1.0 - t) * a64 + t * b64
-    else:
-        theta = math.acos(dot)
-        sin_theta = math.sin(theta)
-        out = (math.sin((1.0 - t) * theta) / sin_theta) * a64 + (
-            math.sin(t * theta) / sin_theta
-        ) * b64
-
-    return out.reshape(a.shape).to(out_dtype)
+    floor = torch.finfo(math_dtype).eps * (abs(coef_a) * a64.abs() + abs(coef_b) * b64.abs())
+    low, high = (exact - floor).to(out_dtype), (exact + floor).to(out_dtype)
+    passes = (
+        (ulp_distance(got, exact.to(out_dtype)) <= max_ulps)
+        | ((got >= low) & (got <= high))
+        | (ulp_distance(got, low) <= max_ulps)
+        | (ulp_distance(got, high) <= max_ulps)
+    )
+    return ~passes
 
 
 # Bit patterns of IEEE floats, read as sign-magnitude integers, map to a line on which

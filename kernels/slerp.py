@@ -222,7 +222,11 @@ def _blend_kernel(
     # An explicit fma rounds the same on GPU and in the interpreter (which has a true fma);
     # a plain a*x + b*y could be contracted by the GPU compiler and not by the interpreter.
     # The selects make t = 0 give a and t = 1 give b bit for bit, -0.0 and all.
+    # With ca == cb (t = 0.5), ca·(a + b) is one rounding (a + b is exact for inputs narrower
+    # than the math dtype), and elements with a = -b give 0 as the reference does; the fma
+    # would leave the rounding error of cb·b there.
     mixed = tl.fma(ca, a, cb * b)
+    mixed = tl.where(ca == cb, ca * (a + b), mixed)
     mixed = tl.where(ca == 0.0, cb * b, mixed)
     mixed = tl.where(cb == 0.0, ca * a, mixed)
 

@@ -6,14 +6,11 @@ slow) with the real block sizes, so the tails, multi-block reductions and spare 
 are the ones a GPU runs.
 
 Tolerance: at most MAX_ULPS ulps of the output dtype from the float64 reference, except
-where the blend's arithmetic cannot resolve the result: when ca·a and cb·b nearly cancel,
-math in dtype D is off by up to one ulp of D at |ca·a| + |cb·b|, which can be many ulps of
-the small result. Such an element passes if it is within MAX_ULPS ulps of the rounding of
-some value within that floor of the exact result. D is fp32 for fp16 and bf16 outputs and
-float64 for fp32 outputs (fastmerge.slerp.compute_dtype, shared with the CPU engine), so for
-fp32 outputs the floor is negligible and the check is a plain one-ulp check. The
-coefficients themselves are checked to 1e-12 in the statistics, and the output casts bit
-for bit against torch's.
+where the blend's arithmetic cannot resolve the result (fastmerge.reference.slerp_mismatches:
+where ca·a and cb·b nearly cancel, the math dtype's rounding at their size). The math dtype
+is fp32 for fp16 and bf16 outputs and float64 for fp32 outputs (fastmerge.slerp.compute_dtype,
+shared with the CPU engine). The coefficients themselves are checked to 1e-12 in the
+statistics, and the output casts bit for bit against torch's.
 """
 
 from __future__ import annotations
@@ -41,8 +38,8 @@ from fastmerge.reference import (
     NORM_EPS,
     describe_mismatch,
     max_ulp_distance,
+    slerp_mismatches,
     slerp_reference,
-    ulp_distance,
 )
 from fastmerge.slerp import compute_dtype
 
@@ -131,24 +128,12 @@ def assert_matches_reference(
 ) -> None:
     out_dtype = got.dtype
     tol = MAX_ULPS[out_dtype]
-    want = slerp_reference(a, b, t, out_dtype=out_dtype)
-
-    # The floor of the blend's math dtype (module docstring): the results it may give.
-    _, _, cos, theta = expected_stats(a, b)
-    ca, cb = coefficients(cos, theta, t)
-    exact = slerp_reference(a, b, t, out_dtype=torch.float64)
-    eps = torch.finfo(compute_dtype(a.dtype, out_dtype)).eps
-    floor = eps * (abs(ca) * a.double().abs() + abs(cb) * b.double().abs())
-    low, high = (exact - floor).to(out_dtype), (exact + floor).to(out_dtype)
-    passes = (
-        ((got >= low) & (got <= high))
-        | (ulp_distance(got, low) <= tol)
-        | (ulp_distance(got, high) <= tol)
-    )
+    want = slerp_reference(a, b, t, out_dtype=out_dtype).reshape(-1)
+    bad = slerp_mismatches(got, a, b, t, math_dtype=compute_dtype(a.dtype, out_dtype), max_ulps=tol)
 
     # Passing elements are replaced by the reference, so the message shows only the others.
-    checked = torch.where(passes, want, got)
-    assert max_ulp_distance(checked, want) <= tol, describe_mismatch(name, checked, want, tol)
+    checked = torch.where(bad, got.reshape(-1), want)
+    assert not bad.any(), describe_mismatch(name, checked, want, tol)
 
 
 def assert_bits_equal(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -567,3 +552,14 @@ def test_statistics_then_blend_with_overridden_coefficients():
     assert_matches_reference("slerp segment", out[:300], *pairs[0], 0.6)
     want = (0.4 * pairs[1][0].double() + 0.6 * pairs[1][1].double()).half()
     assert max_ulp_distance(out[300:], want) <= 1
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+def test_half_way_opposite_elements_cancel_exactly(out_dtype):
+    # At t = 0.5 the coefficients are equal, and elements with a = -b must give exactly 0
+    # (the fma alone would leave the rounding error of cb·b, visible in bfloat16).
+    a, b = make_pair("random", 4099, torch.bfloat16, seed=5)
+    b[::3] = -a[::3]
+    got = fk.slerp(a, b, 0.5, out_dtype=out_dtype)
+    assert (got[::3] == 0).all()
+    assert_matches_reference("t=0.5", got, a, b, 0.5)

@@ -119,7 +119,13 @@ class CpuEngine(Engine):
             x.copy_(a[lo:hi])
             y.copy_(b[lo:hi])
 
-            x.mul_(blend.coef_a).add_(y, alpha=blend.coef_b)
+            if blend.coef_a == blend.coef_b:
+                # t = 0.5: a + b is exact for inputs narrower than the math dtype, so one
+                # rounding, and a = -b gives 0 as in the reference (a fused multiply-add
+                # would leave the rounding error of coef_a·a).
+                x.add_(y).mul_(blend.coef_a)
+            else:
+                x.mul_(blend.coef_a).add_(y, alpha=blend.coef_b)
             out[lo:hi].copy_(x)
 
 
