@@ -111,6 +111,8 @@ def merge(
             result.bytes_read = plan.input_bytes
             result.bytes_written = plan.output_bytes
             _write_companions(plan, temporary, str(a), str(b), result)
+            base.check_unchanged()  # the output holds what was read only if inputs held still
+            other.check_unchanged()
             transaction.commit()
 
     result.seconds = time.perf_counter() - started
