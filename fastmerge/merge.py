@@ -101,7 +101,9 @@ def merge(
             "merging %d tensors (%d bytes) on %s", len(plan.tensors), plan.output_bytes, engine.name
         )
 
-        transaction = OutputTransaction(out, [_root(base), _root(other)], force=force)
+        transaction = OutputTransaction(
+            out, [_root(base), _root(other)], force=force, needed_bytes=plan.output_bytes
+        )
         with transaction as temporary:
             progress = _progress_counter(plan.output_bytes, on_progress)
             with ShardWriter(temporary, plan, on_bytes=progress) as writer:

@@ -53,6 +53,7 @@ class ShardWriter:
         self._shard = -1
         self._fd: int | None = None
         self._open_fds: set[int] = set()
+        self._paths: dict[int, Path] = {}
         self._taken: torch.Tensor | None = None
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(STAGING_BUFFERS):
@@ -88,6 +89,7 @@ class ShardWriter:
         path = self.directory / self.plan.shard_names[shard]
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._open_fds.add(self._fd)
+        self._paths[self._fd] = path
 
         entries = [(p.name, p.out_dtype, p.shape) for p in self.plan.shard_tensors(shard)]
         header = encode_header(entries, {"format": "pt"})
@@ -143,6 +145,10 @@ class ShardWriter:
             try:
                 if self._error is None:
                     self._perform(item)
+            except OSError as exc:  # a full disk, say: name the shard, os.write does not
+                path = self._paths.get(item.fd)
+                exc.strerror = f"{exc.strerror} while writing {path.name if path else 'a shard'}"
+                self._error = exc
             except BaseException as exc:  # handed to the caller's thread, not lost
                 self._error = exc
             finally:
