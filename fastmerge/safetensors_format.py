@@ -33,6 +33,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _U64_LIMIT = 2**64
 """Counts and offsets are 64-bit in the format (the library's usize)."""
+_I64_LIMIT = 2**63
+"""torch's sizes and strides are signed 64-bit."""
 
 HEADER_ALIGNMENT = 8
 """Headers are padded with spaces so that the data buffer starts 8-byte aligned."""
@@ -257,6 +259,17 @@ def _parse_entry(
                 f"{where}: the element count of shape {_abbreviated(shape)} overflows 64 bits; "
                 "the header is damaged"
             )
+    # torch keeps sizes and strides (products of the later dimensions, zeros counted as one)
+    # in int64; a tensor of no elements can still name dimensions beyond that.
+    stride = 1
+    for dimension in reversed(shape):
+        if dimension >= _I64_LIMIT or stride >= _I64_LIMIT:
+            raise CheckpointError(
+                f"{where}: shape {_abbreviated(shape)} has sizes beyond torch's 64-bit limit; "
+                "the header is damaged"
+            )
+        stride *= max(dimension, 1)
+
     expected = count * dtype.itemsize
     if end - begin != expected:
         raise CheckpointError(

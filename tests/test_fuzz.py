@@ -437,6 +437,17 @@ def test_enormous_shapes_are_refused_quickly(workdir, shape):
         open_checkpoint(_write(workdir, _encode(header)))
 
 
+@pytest.mark.parametrize(
+    "shape", [[0, U64_MAX, U64_MAX], [0, 2**63], [0, 2**62, 2**62], [2**62, 0, 2**62, 4]]
+)
+def test_empty_tensors_with_sizes_torch_cannot_hold_are_refused(workdir, shape):
+    # Found by the "long" profile: the element count is 0, but torch's int64 sizes or strides
+    # overflow, so a view (and the safetensors library's own get_tensor) would fail.
+    header = {"w": _entry("BF16", shape, [0, 0])}
+    with pytest.raises(CheckpointError, match=r"has sizes beyond torch's 64-bit limit"):
+        open_checkpoint(_write(workdir, _encode(header)))
+
+
 def test_json_literals_python_accepts_and_the_format_does_not(workdir):
     for literal in (b"NaN", b"Infinity", b"1e400"):
         raw = b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "x": ' + literal + b"}}"
