@@ -16,6 +16,7 @@ import torch
 
 from .engine import Engine, Job, NonFiniteInput, Sink, select_engine
 from .errors import FastmergeError, MergeError
+from .manifest import write_manifest
 from .model_card import model_card
 from .output import OutputTransaction, copy_companions, write_json
 from .plan import DEFAULT_SHARD_SIZE, OUTPUT_DTYPES, MergePlan, build_plan
@@ -113,6 +114,7 @@ def merge(
             result.bytes_read = plan.input_bytes
             result.bytes_written = plan.output_bytes
             _write_companions(plan, temporary, str(a), str(b), result)
+            write_manifest(temporary, writer)
             base.check_unchanged()  # the output holds what was read only if inputs held still
             other.check_unchanged()
             transaction.commit()

@@ -262,7 +262,7 @@ def _open_single(file_path: Path, source: Path) -> Checkpoint:
 
 def _open_index(index_path: Path, source: Path) -> Checkpoint:
     directory = index_path.parent
-    weight_map = _read_weight_map(index_path)
+    weight_map = read_weight_map(index_path)
 
     files: dict[str, SafetensorsFile] = {}
     for file_name in sorted(set(weight_map.values())):
@@ -315,7 +315,7 @@ def _read_json(path: Path, *, strict: bool) -> object:
         raise CheckpointError(f"{path}: not readable as JSON ({exc})") from None
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
+def read_weight_map(index_path: Path) -> dict[str, str]:
     # Strict: an index naming a tensor twice would leave its shard to chance.
     document = _read_json(index_path, strict=True)
 

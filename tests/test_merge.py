@@ -66,7 +66,8 @@ def test_tied_single_file_merge(tiny_pair, tmp_path):
     result = fastmerge.merge(a, b, tmp_path / "out", 0.6)
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "README.md", "config.json", "fastmerge-manifest.json", "generation_config.json",
+        "model.safetensors",
     ]
     merged = assert_matches_reference(tmp_path / "out", a, b, 0.6)
     assert_loads_in_transformers(tmp_path / "out", merged)
