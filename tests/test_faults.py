@@ -126,7 +126,8 @@ def test_sigkill_at_random_points_leaves_old_or_new_output(medium_pair, tmp_path
         context = f"seed {seed}, attempt {attempt}, exit {code}, files {leftovers(out)}"
         assert began, context
         assert after in allowed, context
-        outcomes.append(("new" if after == new else "old/none", code, len(leftovers(out))))
+        state = "new" if after == new else "previous" if after == previous else "none"
+        outcomes.append(f"{state} ({len(leftovers(out))} left)")
 
         # The next run into the same output recognises and removes what the killed one left.
         left = [name for name in leftovers(out) if TEMP_MARKER in name]
