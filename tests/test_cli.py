@@ -36,8 +36,17 @@ def test_quiet_prints_nothing(runner, tiny_pair, tmp_path):
 
 
 def test_shard_size_and_dtype_options(runner, tiny_pair, tmp_path):
-    result = _run(runner, "slerp", *tiny_pair, "-o", tmp_path / "out", "--shard-size", "40kB",
-                  "--dtype", "bfloat16")
+    result = _run(
+        runner,
+        "slerp",
+        *tiny_pair,
+        "-o",
+        tmp_path / "out",
+        "--shard-size",
+        "40kB",
+        "--dtype",
+        "bfloat16",
+    )
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -69,7 +78,7 @@ def _damaged_copy(source: Path, destination: Path, edit) -> Path:
     path = model / "model.safetensors"
     raw = path.read_bytes()
     header = read_header(path)
-    data = raw[8 + int.from_bytes(raw[:8], "little"):]
+    data = raw[8 + int.from_bytes(raw[:8], "little") :]
     edit(header)
     write_raw(path, header, data)
     return model
@@ -85,12 +94,16 @@ def test_every_bad_input_gets_its_message_exit_2_and_no_output(runner, tiny_pair
 
     cases = {
         # The entry goes but its bytes stay: the safetensors library refuses such a file too.
-        "entry without bytes": (lambda h: h.pop("model.norm.weight"),
-                                ["bytes 225792-225920 of the data buffer belong to no tensor"]),
+        "entry without bytes": (
+            lambda h: h.pop("model.norm.weight"),
+            ["bytes 225792-225920 of the data buffer belong to no tensor"],
+        ),
         "shape": (entry("shape", [88, 32]), ["needs 5632 bytes but data_offsets"]),
         "unknown dtype": (entry("dtype", "Q4"), [f"tensor '{some}': unknown dtype 'Q4'"]),
-        "offsets past the end": (entry("data_offsets", [0, 10**9]),
-                                 ["reach past the end of the data buffer"]),
+        "offsets past the end": (
+            entry("data_offsets", [0, 10**9]),
+            ["reach past the end of the data buffer"],
+        ),
     }
     for label, (edit, fragments) in cases.items():
         damaged = _damaged_copy(a, tmp_path / label.replace(" ", "-"), edit)
@@ -104,17 +117,27 @@ def test_every_bad_input_gets_its_message_exit_2_and_no_output(runner, tiny_pair
     pickle_dir = tmp_path / "pickled"
     pickle_dir.mkdir()
     (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    _assert_refused(_run(runner, "slerp", pickle_dir, b, "-o", out), out,
-                    "pickle checkpoint", "save_pretrained")
+    _assert_refused(
+        _run(runner, "slerp", pickle_dir, b, "-o", out), out, "pickle checkpoint", "save_pretrained"
+    )
 
-    _assert_refused(_run(runner, "slerp", a, tmp_path / "nowhere", "-o", out), out,
-                    "no such file or directory")
-    _assert_refused(_run(runner, "slerp", a, b, "--t", "1.5", "-o", out), out,
-                    "t = 1.5 is outside [0, 1]", "--extrapolate")
-    _assert_refused(_run(runner, "slerp", a, b, "--dtype", "int8", "-o", out), out,
-                    "output dtype 'int8' is not supported")
-    _assert_refused(_run(runner, "slerp", a, b, "--device", "tpu", "-o", out), out,
-                    "unknown device 'tpu'")
+    _assert_refused(
+        _run(runner, "slerp", a, tmp_path / "nowhere", "-o", out), out, "no such file or directory"
+    )
+    _assert_refused(
+        _run(runner, "slerp", a, b, "--t", "1.5", "-o", out),
+        out,
+        "t = 1.5 is outside [0, 1]",
+        "--extrapolate",
+    )
+    _assert_refused(
+        _run(runner, "slerp", a, b, "--dtype", "int8", "-o", out),
+        out,
+        "output dtype 'int8' is not supported",
+    )
+    _assert_refused(
+        _run(runner, "slerp", a, b, "--device", "tpu", "-o", out), out, "unknown device 'tpu'"
+    )
 
 
 def test_architecture_and_vocabulary_differences(runner, tiny_pair, tmp_path):
@@ -132,9 +155,15 @@ def test_architecture_and_vocabulary_differences(runner, tiny_pair, tmp_path):
     tensors = load_file(other / "model.safetensors")
     tensors["model.embed_tokens.weight"] = torch.zeros(330, 64, dtype=torch.bfloat16)
     save_file(tensors, other / "model.safetensors")
-    result = _run(runner, "slerp", a, other, "-o", tmp_path / "out2", "--allow-architecture-mismatch")
-    _assert_refused(result, tmp_path / "out2", "vocabularies differ (320 vs 330 tokens)",
-                    "resize_token_embeddings")
+    result = _run(
+        runner, "slerp", a, other, "-o", tmp_path / "out2", "--allow-architecture-mismatch"
+    )
+    _assert_refused(
+        result,
+        tmp_path / "out2",
+        "vocabularies differ (320 vs 330 tokens)",
+        "resize_token_embeddings",
+    )
 
 
 def test_existing_output_and_output_inside_input(runner, tiny_pair, tmp_path):
@@ -152,8 +181,9 @@ def test_existing_output_and_output_inside_input(runner, tiny_pair, tmp_path):
 
 
 def test_debug_shows_the_traceback(runner, tiny_pair, tmp_path):
-    result = _run(runner, "slerp", tiny_pair[0], tmp_path / "nowhere", "-o", tmp_path / "o",
-                  "--debug")
+    result = _run(
+        runner, "slerp", tiny_pair[0], tmp_path / "nowhere", "-o", tmp_path / "o", "--debug"
+    )
     assert result.exit_code != 0
     assert "no such file or directory" in str(result.exception)
 
@@ -213,9 +243,19 @@ def test_module_entry_point_and_help():
 
 def test_cli_process_exit_code_and_stderr(tiny_pair, tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "fastmerge", "slerp", str(tiny_pair[0]), str(tmp_path / "none"),
-         "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fastmerge",
+            "slerp",
+            str(tiny_pair[0]),
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 2
     assert completed.stderr.startswith("error: ") and "Traceback" not in completed.stderr

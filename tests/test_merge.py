@@ -66,7 +66,10 @@ def test_tied_single_file_merge(tiny_pair, tmp_path):
     result = fastmerge.merge(a, b, tmp_path / "out", 0.6)
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "README.md", "config.json", "fastmerge-manifest.json", "generation_config.json",
+        "README.md",
+        "config.json",
+        "fastmerge-manifest.json",
+        "generation_config.json",
         "model.safetensors",
     ]
     merged = assert_matches_reference(tmp_path / "out", a, b, 0.6)
@@ -101,7 +104,9 @@ def test_tied_base_with_untied_other_writes_an_untied_head(tmp_path, pair_cache)
     merged = assert_matches_reference(tmp_path / "out", tied, untied, 0.6)
     assert "lm_head.weight" in merged
     assert not torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (
+        json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    )
     assert_loads_in_transformers(tmp_path / "out", merged)
 
 
@@ -249,8 +254,10 @@ def test_float16_overflow_stops_the_merge_and_suggests_bfloat16(tmp_path):
 
     for name, value in (("a", 60000.0), ("b", 90000.0)):
         (tmp_path / name).mkdir()
-        save_file({"w": torch.full((4, 4), value, dtype=torch.bfloat16)},
-                  tmp_path / name / "model.safetensors")
+        save_file(
+            {"w": torch.full((4, 4), value, dtype=torch.bfloat16)},
+            tmp_path / name / "model.safetensors",
+        )
     with pytest.raises(fastmerge.MergeError, match=r"'w'.*overflow float16.*--dtype bfloat16"):
         fastmerge.merge(tmp_path / "a", tmp_path / "b", tmp_path / "out", 0.6)
     assert not (tmp_path / "out").exists()
@@ -261,8 +268,12 @@ def test_float16_overflow_stops_the_merge_and_suggests_bfloat16(tmp_path):
 
 def test_progress_reports_every_output_byte(tiny_pair, tmp_path):
     calls = []
-    result = fastmerge.merge(*tiny_pair, tmp_path / "out", 0.6,
-                             on_progress=lambda done, total: calls.append((done, total)))
+    result = fastmerge.merge(
+        *tiny_pair,
+        tmp_path / "out",
+        0.6,
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (result.bytes_written, result.bytes_written)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
 

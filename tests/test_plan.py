@@ -17,8 +17,11 @@ from fastmerge.reader import open_checkpoint
 def _model(directory: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
     directory.mkdir(parents=True)
     save_file(tensors, directory / "model.safetensors")
-    base_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                   "torch_dtype": "bfloat16"}
+    base_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": "bfloat16",
+    }
     (directory / "config.json").write_text(json.dumps({**base_config, **config}))
     return directory
 
@@ -106,7 +109,7 @@ def test_both_tied_stays_tied_and_both_untied_stays_untied(tmp_path):
 def test_a_missing_head_with_an_untied_config_is_an_incomplete_checkpoint(tmp_path):
     a = _model(tmp_path / "a", _llama(tied=True), tie_word_embeddings=False)
     b = _model(tmp_path / "b", _llama(tied=False), tie_word_embeddings=False)
-    with pytest.raises(PlanError, match="has no lm_head.weight .* incomplete"):
+    with pytest.raises(PlanError, match=r"has no lm_head\.weight .* incomplete"):
         _plan(a, b)
 
 
@@ -124,8 +127,9 @@ def test_non_float_tensors_are_copied_when_identical_and_refused_when_not(tmp_pa
 
 
 def test_lerp_vectors_marks_only_one_dimensional_tensors(tmp_path):
-    plan = _plan(_model(tmp_path / "a", _llama()), _model(tmp_path / "b", _llama()),
-                 lerp_vectors=True)
+    plan = _plan(
+        _model(tmp_path / "a", _llama()), _model(tmp_path / "b", _llama()), lerp_vectors=True
+    )
     methods = {p.name: p.method for p in plan.tensors}
     assert methods["model.norm.weight"] is Method.LERP
     assert methods["model.embed_tokens.weight"] is Method.SLERP

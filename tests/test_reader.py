@@ -30,12 +30,14 @@ def test_views_match_the_safetensors_library(tiny_untied_sharded_pair):
     base = tiny_untied_sharded_pair[0]
     with open_checkpoint(base) as checkpoint:
         assert len(checkpoint.files) == 3
-        for name, (file, info) in checkpoint.tensors.items():
+        for name, (file, _info) in checkpoint.tensors.items():
             with safe_open(file.path, "pt") as reference:
                 assert torch.equal(checkpoint.view(name), reference.get_tensor(name)), name
 
 
-def test_a_directory_an_index_and_a_file_open_the_same_tensors(tiny_untied_sharded_pair, small_file):
+def test_a_directory_an_index_and_a_file_open_the_same_tensors(
+    tiny_untied_sharded_pair, small_file
+):
     base = tiny_untied_sharded_pair[0]
     from_dir = open_checkpoint(base)
     from_index = open_checkpoint(base / "model.safetensors.index.json")
@@ -57,9 +59,10 @@ def test_writer_headers_round_trip_through_the_library(tmp_path):
     from safetensors.torch import load_file
 
     header = encode_header([("x", torch.float16, (3,)), ("y", torch.float16, (2, 2))], {})
-    data = torch.arange(3, dtype=torch.float16).numpy().tobytes() + torch.ones(
-        4, dtype=torch.float16
-    ).numpy().tobytes()
+    data = (
+        torch.arange(3, dtype=torch.float16).numpy().tobytes()
+        + torch.ones(4, dtype=torch.float16).numpy().tobytes()
+    )
     (tmp_path / "m.safetensors").write_bytes(header + data)
     loaded = load_file(tmp_path / "m.safetensors")
     assert torch.equal(loaded["x"], torch.arange(3, dtype=torch.float16))
@@ -187,7 +190,7 @@ def test_index_naming_absent_tensors_or_files_is_refused(tmp_path):
         open_checkpoint(tmp_path)
 
     _write_index(tmp_path, {"w": "missing.safetensors"})
-    with pytest.raises(CheckpointError, match="shard 'missing.safetensors' is missing"):
+    with pytest.raises(CheckpointError, match=r"shard 'missing\.safetensors' is missing"):
         open_checkpoint(tmp_path)
 
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": []}')
