@@ -84,8 +84,8 @@ def _read_manifest(root: Path, report: Verification) -> dict | None:
     if not path.is_file():
         report.problems.append(
             f"{MANIFEST_FILE} is missing: the checksums written at merge time are needed to "
-            "tell an intact output from a damaged one (outputs of fastmerge before 0.1.0 "
-            "have none)"
+            "tell an intact output from a damaged one (outputs written before fastmerge wrote "
+            "manifests have none)"
         )
         return None
     try:
