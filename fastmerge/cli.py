@@ -61,6 +61,13 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def _literal(text: object) -> str:
+    """Text from a checkpoint (tensor names, paths) shown as is, never read as Rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _stderr():
     from rich.console import Console
 
@@ -81,7 +88,7 @@ def _reported_errors(debug: bool) -> Iterator[None]:
     except FastmergeError as exc:
         if debug:
             raise
-        _stderr().print(f"[bold red]error:[/] {exc}", markup=True)
+        _stderr().print(f"[bold red]error:[/] {_literal(exc)}", markup=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         if debug:
@@ -92,7 +99,9 @@ def _reported_errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        _stderr().print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True)
+        _stderr().print(
+            f"[bold red]error:[/] {_literal(exc.strerror or exc)}{_literal(where)}", markup=True
+        )
         raise typer.Exit(1) from None
 
 
@@ -267,24 +276,65 @@ def run(
 def inspect(
     a: Annotated[Path, typer.Argument(help="A model: directory, index or .safetensors file.")],
     b: Annotated[Optional[Path], typer.Argument(help="A second model to compare with.")] = None,  # noqa: UP045 (typer needs Optional on 3.10)
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Find every tensor of A (and B) holding NaN or infinity; exit 2 if any."
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """List tensors, shapes and dtypes; with two models, the angle between each pair."""
     from rich.table import Table
 
-    from .inspect import compare, describe
+    from .inspect import compare, describe, find_non_finite
 
     with _reported_errors(debug):
-        rows = describe(a) if b is None else compare(a, b)
+        if check:
+            rows = find_non_finite([a] if b is None else [a, b])
+        else:
+            rows = describe(a) if b is None else compare(a, b)
 
     table = Table(box=None, header_style="bold")
     for column in rows.columns:
-        table.add_column(column, justify="right" if column != "tensor" else "left")
+        table.add_column(column, justify="left" if column in ("tensor", "model") else "right")
     for row in rows.rows:
-        table.add_row(*row)
+        table.add_row(*(_literal(cell) for cell in row))
     console = _stdout()
-    console.print(table)
-    console.print(rows.footer)
+    if rows.rows or not check:
+        console.print(table)
+    console.print(_literal(rows.footer))
+    if check and rows.rows:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def verify(
+    output: Annotated[Path, typer.Argument(help="A directory written by fastmerge.")],
+    debug: DebugOption = False,
+) -> None:
+    """Check a merged model against the checksums written with it; exit 2 if damaged."""
+    from .manifest import MANIFEST_FILE
+    from .verify import verify as verify_output
+
+    with _reported_errors(debug):
+        report = verify_output(output)
+    if report.intact:
+        _stdout().print(
+            f"ok: {_literal(output)} is intact: {report.files} files, {report.tensors} tensors "
+            f"({report.tensor_bytes:,} bytes); {report.checksums} checksums match {MANIFEST_FILE}"
+        )
+        return
+    count = len(report.problems)
+    lines = [f"  - {_literal(problem)}" for problem in report.problems]
+    _stderr().print(
+        f"[bold red]error:[/] {_literal(output)} is damaged "
+        f"({count} problem{'s' if count > 1 else ''}):",
+        *lines,
+        sep="\n",
+        markup=True,
+    )
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()

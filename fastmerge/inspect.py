@@ -1,7 +1,9 @@
 """`fastmerge inspect`: what is in a checkpoint, and how far apart two checkpoints are.
 
 Nothing is written. Comparing two models reads both once (the statistics pass of a merge)
-and reports each pair's angle, the look a user wants before choosing t.
+and reports each pair's angle, the look a user wants before choosing t. `--check` reads every
+floating-point tensor of one or both models and reports all that hold NaN or infinity, where
+a merge stops at the first one.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from .engine import NonFiniteInput, select_engine
 from .errors import MergeError
 from .plan import Method, build_plan
-from .reader import open_checkpoint
+from .reader import Checkpoint, open_checkpoint
 from .slerp import slerp_blend
 
 
@@ -101,3 +105,77 @@ def compare(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]) -> R
             f"{branches['lerp']} the linear branch (|cos| > 0.9995), {branches['copy']} copied"
         )
     return table
+
+
+CHECK_CHUNK_ELEMENTS = 1 << 20
+"""Elements scanned at a time: the temporaries stay small whatever the tensor's size."""
+
+
+def find_non_finite(paths: list[str | os.PathLike[str]]) -> Rows:
+    """One row per floating-point tensor holding NaN or infinity, in every model given.
+
+    Models are read one after the other, tensor by tensor, in chunks; each tensor's pages are
+    released once scanned. An empty table means every value is finite.
+    """
+    table = Rows(["model", "tensor", "shape", "dtype", "NaN", "+inf", "-inf", "first at"])
+    scanned = elements = 0
+    for path in paths:
+        with open_checkpoint(path) as checkpoint:
+            for name, (_, info) in checkpoint.tensors.items():
+                if not info.dtype.is_floating_point:
+                    continue
+                counts = _count_non_finite(checkpoint, name)
+                scanned += 1
+                elements += info.numel
+                if counts is not None:
+                    nan, positive, negative, first = counts
+                    position = ", ".join(str(i) for i in _unravel(first, info.shape))
+                    table.rows.append(
+                        [
+                            str(checkpoint.source),
+                            name,
+                            _shape(info.shape),
+                            info.dtype_name,
+                            str(nan),
+                            str(positive),
+                            str(negative),
+                            f"[{position}]",
+                        ]
+                    )
+
+    models = " and ".join(str(p) for p in paths)
+    bad = len(table.rows)
+    table.footer = (
+        f"{scanned} floating-point tensors ({elements / 1e6:,.1f}M values) in {models}: "
+        + (f"{bad} hold NaN or infinite values" if bad else "all values are finite")
+    )
+    return table
+
+
+def _count_non_finite(checkpoint: Checkpoint, name: str) -> tuple[int, int, int, int] | None:
+    """(NaN, +inf, -inf, first flat position) of a tensor, or None when all are finite."""
+    flat = checkpoint.view(name).reshape(-1)
+    nan = positive = negative = 0
+    first = None
+    for lo in range(0, flat.numel(), CHECK_CHUNK_ELEMENTS):
+        part = flat[lo : lo + CHECK_CHUNK_ELEMENTS]
+        if part.dtype.itemsize == 1:  # float8: few kernels, so check in float32
+            part = part.float()
+        finite = torch.isfinite(part)
+        if bool(finite.all()):
+            continue
+        nan += int(torch.isnan(part).sum())
+        positive += int(torch.isposinf(part).sum())
+        negative += int(torch.isneginf(part).sum())
+        if first is None:
+            first = lo + int(torch.argmin(finite.to(torch.uint8)))
+    checkpoint.release(name)
+    return None if first is None else (nan, positive, negative, first)
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    position = []
+    for size in reversed(shape):
+        index, rest = divmod(index, size)
+        position.append(rest)
+    return position[::-1]

@@ -24,6 +24,7 @@ from . import hub
 from .engine import Engine, Job, NonFiniteInput, Sink, select_engine
 from .engine.cpu import CpuEngine
 from .errors import FastmergeError, MergeError
+from .manifest import write_manifest
 from .model_card import model_card
 from .output import OutputTransaction, copy_companions, write_json
 from .plan import (
@@ -267,7 +268,11 @@ class Pair:
                 results.append(self._result(plans[index], output, reports[index]))
                 if temporary is not None:
                     _write_companions(plans[index], temporary, *self.names, results[-1])
+                    write_manifest(temporary, sinks[index])
 
+            # The outputs hold what was read only if the inputs held still meanwhile.
+            self.plan.a.check_unchanged()
+            self.plan.b.check_unchanged()
             for transaction in filter(None, transactions):
                 transaction.commit()
 
@@ -322,8 +327,12 @@ class Pair:
                 "the outputs of a sweep must be different directories; give the output name "
                 "a {t} placeholder (-o 'out-{t}')"
             )
+        # Every output of a sweep lands on the same disk, so each checks room for them all.
+        needed = self.plan.output_bytes * len(resolved)
         return [
-            OutputTransaction(path, self._roots, force=force) if path is not None else None
+            OutputTransaction(path, self._roots, force=force, needed_bytes=needed)
+            if path is not None
+            else None
             for path in directories
         ]
 

@@ -4,6 +4,11 @@ A checkpoint is a model directory (one `model.safetensors`, or shards listed by
 `model.safetensors.index.json`), an index file, or a single `.safetensors` file. Opening it
 reads and validates only the headers; tensor bytes are touched when a view is used, and the
 pages of a finished tensor are released so that resident memory does not grow with the model.
+
+A file truncated while it is mapped kills the process with SIGBUS on the next access to a lost
+page, and one rewritten in place changes the bytes under a merge. So each file's identity
+(device, inode, size, modification time) is taken when its header is read and compared again
+before every view is handed out and by `check_unchanged` before an output is committed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .safetensors_format import Header, TensorInfo, header_length, parse_header
+from .safetensors_format import Header, TensorInfo, header_length, parse_header, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,30 @@ def _pickle_refusal(path: Path) -> CheckpointError:
     )
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What must not change while a file is read: which file it is, its size and mtime."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+    def difference(self, now: FileIdentity) -> str | None:
+        """How `now` differs from this identity, in words, or None."""
+        if (now.device, now.inode) != (self.device, self.inode):
+            return "it was replaced by another file"
+        if now.size != self.size:
+            return f"its size went from {self.size} to {now.size} bytes"
+        if now.mtime_ns != self.mtime_ns:
+            return "it was modified"
+        return None
+
+
 @dataclass
 class SafetensorsFile:
     """One .safetensors file: its validated header and, once used, a read-only memory map."""
@@ -49,24 +78,50 @@ class SafetensorsFile:
     path: Path
     size: int
     header: Header
+    identity: FileIdentity
     _map: mmap.mmap | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: Path) -> SafetensorsFile:
         try:
             with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
+                identity = FileIdentity.of(os.fstat(handle.fileno()))
                 prefix = handle.read(8)
-                length = header_length(prefix, size, str(path))
+                length = header_length(prefix, identity.size, str(path))
                 prefix += handle.read(length)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
-        return cls(path=path, size=size, header=parse_header(prefix, size, str(path)))
+        header = parse_header(prefix, identity.size, str(path))
+        return cls(path=path, size=identity.size, header=header, identity=identity)
+
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file was truncated, rewritten or replaced since open."""
+        try:
+            now = FileIdentity.of(os.stat(self.path))
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.path}: an input file disappeared during the merge ({exc.strerror}); "
+                "nothing was written: run again once the file is back"
+            ) from None
+        self._refuse_change(now)
+
+    def _refuse_change(self, now: FileIdentity) -> None:
+        difference = self.identity.difference(now)
+        if difference is not None:
+            raise CheckpointError(
+                f"{self.path}: this input changed during the merge ({difference}); its "
+                "bytes can no longer be trusted, so nothing was written. Do not modify or "
+                "replace inputs while fastmerge reads them: run again once the file is final"
+            )
 
     def _mapped(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.path, "rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                with open(self.path, "rb") as handle:
+                    self._refuse_change(FileIdentity.of(os.fstat(handle.fileno())))
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: cannot be read ({exc.strerror})") from None
             # Tensors are read front to back: ask for aggressive readahead on page faults,
             # which is what a merge from a cold page cache waits on.
             self._map.madvise(mmap.MADV_SEQUENTIAL)
@@ -79,7 +134,11 @@ class SafetensorsFile:
         return self._map
 
     def view(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor's bytes in the memory map, as a tensor of its dtype and shape."""
+        """The tensor's bytes in the memory map, as a tensor of its dtype and shape.
+
+        The file is checked first: a view into a truncated map would fault (SIGBUS) on use.
+        """
+        self.check_unchanged()
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
 
@@ -132,6 +191,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self.tensors.values())
 
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if any file was truncated, rewritten or replaced since open."""
+        for file in self.files:
+            file.check_unchanged()
+
     def close(self) -> None:
         for file in self.files:
             file.close()
@@ -146,7 +210,11 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a model directory, an index file or a single .safetensors file (headers only)."""
     source = Path(path)
-    if not source.exists():
+    try:
+        exists = source.exists()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        raise CheckpointError(f"{source!r}: not a usable path ({exc})") from None
+    if not exists:
         raise CheckpointError(f"{source}: no such file or directory")
 
     if source.is_dir():
@@ -177,10 +245,7 @@ def _read_config(directory: Path) -> dict | None:
     path = directory / CONFIG_FILE
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable as JSON ({exc})") from None
+    config = _read_json(path, strict=False)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, found {type(config).__name__}")
     return config
@@ -195,15 +260,19 @@ def _open_single(file_path: Path, source: Path) -> Checkpoint:
 
 def _open_index(index_path: Path, source: Path) -> Checkpoint:
     directory = index_path.parent
-    weight_map = _read_weight_map(index_path)
+    weight_map = read_weight_map(index_path)
 
     files: dict[str, SafetensorsFile] = {}
     for file_name in sorted(set(weight_map.values())):
         files[file_name] = SafetensorsFile.open(_shard_path(directory, file_name, index_path))
 
+    listed_in: dict[str, set[str]] = {file_name: set() for file_name in files}
+    for name, file_name in weight_map.items():
+        listed_in[file_name].add(name)
+
     tensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
     for file_name, file in files.items():
-        listed = {name for name, owner in weight_map.items() if owner == file_name}
+        listed = listed_in[file_name]
         present = {info.name for info in file.header.tensors}
         missing = sorted(listed - present)
         if missing:
@@ -229,11 +298,24 @@ def _open_index(index_path: Path, source: Path) -> Checkpoint:
     return Checkpoint(source, directory, list(files.values()), tensors, _read_config(directory))
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
+def _read_json(path: Path, *, strict: bool) -> object:
+    """A JSON file; `strict` also refuses duplicate keys, NaN and out-of-range numbers."""
     try:
-        document = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: not readable as JSON ({exc})") from None
+        raw = path.read_bytes()
+        if strict:
+            return parse_json(raw)
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: not readable as JSON (arrays or objects nested too deeply)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable as JSON ({exc})") from None
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    # Strict: an index naming a tensor twice would leave its shard to chance.
+    document = _read_json(index_path, strict=True)
 
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -257,13 +339,20 @@ def _shard_path(directory: Path, file_name: str, index_path: Path) -> Path:
             "may only name files beside it"
         )
 
-    resolved = (directory / candidate).resolve()
-    if not any(resolved.is_relative_to(root) for root in _trusted_roots(directory)):
+    try:
+        resolved = (directory / candidate).resolve()
+        inside = any(resolved.is_relative_to(root) for root in _trusted_roots(directory))
+        is_file = inside and resolved.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, link loop
+        raise CheckpointError(
+            f"{index_path}: shard {file_name!r} cannot be opened ({exc}); the index is damaged"
+        ) from None
+    if not inside:
         raise CheckpointError(
             f"{index_path}: shard {file_name!r} resolves to {resolved}, outside the model "
             "directory (through a symbolic link); an index may only name files beside it"
         )
-    if not resolved.is_file():
+    if not is_file:
         raise CheckpointError(
             f"{index_path}: shard {file_name!r} is missing; download the model again"
         )

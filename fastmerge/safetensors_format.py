@@ -4,7 +4,15 @@ A file is an 8-byte little-endian header length N, N bytes of JSON, then the dat
 The JSON maps tensor names to {"dtype", "shape", "data_offsets": [begin, end]} (offsets
 relative to the data buffer) plus an optional "__metadata__" map of strings. fastmerge reads
 headers itself so that it can refuse a damaged file with a precise message before any output
-is written, and so that nothing larger than the file is ever allocated on its behalf.
+is written, and so that nothing larger than the file is ever allocated on its behalf: every
+size in a header is checked against the file before it is used.
+
+fastmerge accepts a file only if the safetensors library (which transformers loads with)
+accepts it too: the same JSON dialect (no NaN or Infinity, no out-of-range numbers, no
+unpaired surrogates), element counts that fit 64 bits, and tensors that cover the data buffer
+exactly. It refuses two kinds of file the library reads: a tensor named twice (the library
+silently keeps one) and dtypes that fastmerge has no use for. tests/test_fuzz.py holds it to
+that, on random and damaged files.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import itertools
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +30,11 @@ from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """The same bound as the safetensors library: a larger header is refused, not allocated."""
+
+_U64_LIMIT = 2**64
+"""Counts and offsets are 64-bit in the format (the library's usize)."""
+_I64_LIMIT = 2**63
+"""torch's sizes and strides are signed 64-bit."""
 
 HEADER_ALIGNMENT = 8
 """Headers are padded with spaces so that the data buffer starts 8-byte aligned."""
@@ -89,6 +103,48 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
     return seen
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _ranged_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > sys.float_info.max:  # other parsers read it as a float, out of range
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> object:
+    """Strict JSON from bytes: UTF-8, no duplicate keys, only finite numbers, valid Unicode.
+
+    Raises ValueError with the reason. Python's json is more lenient than the format's own
+    parser in all of these, and raises RecursionError on deep nesting, made a ValueError here.
+    """
+    try:
+        document = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_ranged_int,
+        )
+        # An escaped unpaired surrogate ("\ud800") decodes to a str that is not Unicode text.
+        if b"\\u" in raw:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+    except UnicodeError as exc:
+        raise ValueError(f"not valid Unicode text ({exc.reason})") from None
+    return document
+
+
 def _is_nonnegative_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -105,9 +161,8 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
         raise CheckpointError(f"{path}: the header is cut short ({len(raw)} of {length} bytes)")
 
     try:
-        text = raw.decode("utf-8")
-        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+        document = parse_json(raw)
+    except ValueError as exc:
         raise CheckpointError(
             f"{path}: the safetensors header is not valid JSON ({exc}); the file is damaged "
             "or not a safetensors file: download or convert it again"
@@ -118,7 +173,8 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
             f"{type(document).__name__}; the file is damaged"
         )
 
-    metadata = document.pop("__metadata__", None) or {}
+    metadata = document.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -131,8 +187,8 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
     tensors = [
         _parse_entry(name, entry, data_start, data_size, path) for name, entry in document.items()
     ]
-    _check_no_overlap(tensors, path)
-    tensors.sort(key=lambda info: info.begin)
+    tensors.sort(key=lambda info: (info.begin, info.end))
+    _check_layout(tensors, data_start, data_size, path)
     return Header(tensors=tuple(tensors), metadata=dict(metadata), data_start=data_start)
 
 
@@ -165,7 +221,7 @@ def _parse_entry(
         raise CheckpointError(f"{where}: the header entry must be an object, found {entry!r}")
 
     dtype_name = entry.get("dtype")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise CheckpointError(
             f"{where}: unknown dtype {dtype_name!r}; supported are {', '.join(DTYPES)}"
         )
@@ -195,7 +251,26 @@ def _parse_entry(
             f"({data_size} bytes); the file is truncated or damaged"
         )
 
-    expected = math.prod(shape) * dtype.itemsize
+    count = 1
+    for dimension in shape:
+        count *= dimension
+        if dimension >= _U64_LIMIT or count >= _U64_LIMIT:  # stops a product of huge numbers
+            raise CheckpointError(
+                f"{where}: the element count of shape {_abbreviated(shape)} overflows 64 bits; "
+                "the header is damaged"
+            )
+    # torch keeps sizes and strides (products of the later dimensions, zeros counted as one)
+    # in int64; a tensor of no elements can still name dimensions beyond that.
+    stride = 1
+    for dimension in reversed(shape):
+        if dimension >= _I64_LIMIT or stride >= _I64_LIMIT:
+            raise CheckpointError(
+                f"{where}: shape {_abbreviated(shape)} has sizes beyond torch's 64-bit limit; "
+                "the header is damaged"
+            )
+        stride *= max(dimension, 1)
+
+    expected = count * dtype.itemsize
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: shape {shape} of {dtype_name} needs {expected} bytes but "
@@ -204,15 +279,35 @@ def _parse_entry(
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_no_overlap(tensors: list[TensorInfo], path: str) -> None:
-    ordered = sorted((info for info in tensors if info.nbytes), key=lambda info: info.begin)
-    for previous, current in itertools.pairwise(ordered):
+def _abbreviated(values: list) -> str:
+    text = repr(values)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(values)} dimensions)"
+
+
+def _check_layout(tensors: list[TensorInfo], data_start: int, data_size: int, path: str) -> None:
+    """Tensors, sorted by offsets, must tile the data buffer: no overlap, no gap, no tail."""
+    for previous, current in itertools.pairwise(tensors):
         if current.begin < previous.end:
             raise CheckpointError(
                 f"{path}: tensors {previous.name!r} and {current.name!r} overlap in the data "
                 f"buffer (bytes {previous.begin}-{previous.end} and "
                 f"{current.begin}-{current.end}); the header is damaged"
             )
+
+    covered = data_start
+    for info in tensors:
+        if info.begin > covered:
+            raise CheckpointError(
+                f"{path}: bytes {covered - data_start}-{info.begin - data_start} of the data "
+                f"buffer belong to no tensor (the next is {info.name!r}); the header and the "
+                "data disagree, the file is damaged"
+            )
+        covered = info.end
+    if covered != data_start + data_size:
+        raise CheckpointError(
+            f"{path}: bytes {covered - data_start}-{data_size} of the data buffer belong to no "
+            "tensor (data after the last tensor); the file is damaged or was appended to"
+        )
 
 
 def encode_header(

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class ShardWriter:
 
     Use as a context manager; `close()` flushes, fsyncs and writes the index. Errors from the
     writer thread (a full disk, say) are raised in the caller's thread at the next call.
+
+    The writer thread also takes a CRC-32 of each tensor's bytes as it writes them (zlib
+    releases the GIL for it), and of each shard's header: `checksums` and `header_checksums`
+    feed the output's manifest (fastmerge.manifest).
     """
 
     def __init__(
@@ -53,6 +58,9 @@ class ShardWriter:
         self._shard = -1
         self._fd: int | None = None
         self._open_fds: set[int] = set()
+        self._paths: dict[int, Path] = {}
+        self.checksums: dict[str, int] = {}
+        self.header_checksums: dict[str, int] = {}
         self._taken: torch.Tensor | None = None
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(STAGING_BUFFERS):
@@ -77,7 +85,8 @@ class ShardWriter:
     def commit(self, planned: PlannedTensor, filled: torch.Tensor, ready=None) -> None:
         """Queue a filled destination for writing; `ready`, if given, is waited for first."""
         assert self._taken is not None and self._fd is not None
-        self._pending.put(_Write(self._fd, filled.view(torch.uint8), self._taken, ready))
+        data = filled.view(torch.uint8)
+        self._pending.put(_Write(self._fd, data, self._taken, ready, tensor=planned.name))
         self._taken = None
 
     # Shards.
@@ -88,9 +97,11 @@ class ShardWriter:
         path = self.directory / self.plan.shard_names[shard]
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._open_fds.add(self._fd)
+        self._paths[self._fd] = path
 
         entries = [(p.name, p.out_dtype, p.shape) for p in self.plan.shard_tensors(shard)]
         header = encode_header(entries, {"format": "pt"})
+        self.header_checksums[self.plan.shard_names[shard]] = zlib.crc32(header)
         self._pending.put(_Write(self._fd, header))
 
     def _finish_shard(self) -> None:
@@ -143,6 +154,10 @@ class ShardWriter:
             try:
                 if self._error is None:
                     self._perform(item)
+            except OSError as exc:  # a full disk, say: name the shard, os.write does not
+                path = self._paths.get(item.fd)
+                exc.strerror = f"{exc.strerror} while writing {path.name if path else 'a shard'}"
+                self._error = exc
             except BaseException as exc:  # handed to the caller's thread, not lost
                 self._error = exc
             finally:
@@ -160,6 +175,8 @@ class ShardWriter:
             item.ready.synchronize()
         data = item.data if isinstance(item.data, bytes) else item.data.numpy()
         self._write_bytes(item.fd, memoryview(data).cast("B"))
+        if item.tensor is not None:
+            self.checksums[item.tensor] = zlib.crc32(data, self.checksums.get(item.tensor, 0))
         if self.on_bytes is not None and item.staging is not None:
             self.on_bytes(len(data))
 
@@ -180,7 +197,7 @@ class _Aborted(Exception):
 class _Write:
     """One job for the writer thread: bytes to append to a shard, or closing it."""
 
-    __slots__ = ("close", "data", "fd", "ready", "staging")
+    __slots__ = ("close", "data", "fd", "ready", "staging", "tensor")
 
     def __init__(
         self,
@@ -190,9 +207,11 @@ class _Write:
         ready=None,
         *,
         close: bool = False,
+        tensor: str | None = None,
     ) -> None:
         self.fd = fd
         self.data = data
         self.staging = staging
         self.ready = ready
         self.close = close
+        self.tensor = tensor

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from typer.testing import CliRunner
 
 from fastmerge.synthetic import PRESETS, ModelShape, write_pair
 
 TINY_30_LAYERS = ModelShape(**{**PRESETS["tiny"].__dict__, "layers": 30})
 """The tiny widths with SmolLM-135M's 30 layers, for recipes with layer_range [0, 30]."""
+
+# Fuzzing budgets (tests/test_fuzz.py): "ci" is the default and bounded; "long" is the run on
+# demand, chosen with `pytest --hypothesis-profile=long` or FASTMERGE_FUZZ_PROFILE=long. The
+# deadline is the "never hang" check: parsing a file of a few kB takes milliseconds, so 5 s
+# only trips on a real hang, even on a loaded machine.
+settings.register_profile("ci", max_examples=250, deadline=timedelta(seconds=5))
+settings.register_profile("long", max_examples=20_000, deadline=timedelta(seconds=5))
+settings.load_profile(os.environ.get("FASTMERGE_FUZZ_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,7 @@ def test_tied_single_file_merge(tiny_pair, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "README.md",
         "config.json",
+        "fastmerge-manifest.json",
         "generation_config.json",
         "model.safetensors",
     ]
