@@ -32,8 +32,10 @@ class StateDictSink:
             self.state_dict[planned.name] = tensor
         return tensor.view(-1)[planned.numel - remaining :]
 
-    def commit(self, planned: PlannedTensor, filled: torch.Tensor) -> None:
-        """Nothing to do: the values are already where they belong."""
+    def commit(self, planned: PlannedTensor, filled: torch.Tensor, ready=None) -> None:
+        """The values are already where they belong, once `ready` (a CUDA event) is done."""
+        if ready is not None:
+            ready.synchronize()
 
 
 class ModuleSink:
@@ -79,8 +81,10 @@ class ModuleSink:
     def take(self, planned: PlannedTensor, remaining: int) -> torch.Tensor:
         return self.targets[planned.name].view(-1)[planned.numel - remaining :]
 
-    def commit(self, planned: PlannedTensor, filled: torch.Tensor) -> None:
-        """Nothing to do: the values were written into the parameter itself."""
+    def commit(self, planned: PlannedTensor, filled: torch.Tensor, ready=None) -> None:
+        """The values were written into the parameter itself, once `ready` is done."""
+        if ready is not None:
+            ready.synchronize()
 
 
 def _fit_problem(planned: PlannedTensor, tensor: torch.Tensor) -> str | None:
