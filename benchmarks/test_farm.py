@@ -11,57 +11,29 @@
 Same-run references: a bfloat16 -> float16 copy of every base tensor (the least work any merge
 of these tensors does) and, for the sweep, the time to write and fsync the same bytes.
 Results are checked after timing: every output bit-equal to the separate fresh merges.
-The figures are printed (run with -s) and kept in the benchmark's extra_info. The pair is
-built once into FASTMERGE_BENCHMARK_CACHE (default: a directory under the system temp dir)
-and reused. Run: pytest benchmarks/test_farm.py -s
+The figures go to the session's report table (benchmarks/conftest.py) and to the
+benchmark's extra_info.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import fastmerge
-from fastmerge.synthetic import write_pair
 
-CACHE = Path(
-    os.environ.get(
-        "FASTMERGE_BENCHMARK_CACHE", Path(tempfile.gettempdir()) / "fastmerge-benchmarks"
-    )
-)
+from .conftest import best_seconds, write_floor
+
 SWEEP = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
-@pytest.fixture(scope="module")
-def smollm_pair() -> tuple[Path, Path]:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    return write_pair(CACHE / "smollm-135m", "smollm-135m", names=("base", "instruct"))
-
-
 def _best_of(rounds: int, run: Callable[[], object]) -> float:
-    """The fastest of `rounds` runs, in seconds."""
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def _report(benchmark, capsys, title: str, figures: dict[str, float]) -> None:
-    benchmark.extra_info.update(figures)
-    with capsys.disabled():
-        print(f"\n{title}")
-        for key, value in figures.items():
-            print(f"  {key:<42} {value:10.3f}")
+    return best_seconds(run, rounds)
 
 
 def _assert_equal(got: dict[str, torch.Tensor], directory: Path) -> None:
@@ -77,21 +49,8 @@ def _convert_floor(pair: fastmerge.ResidentPair, sink: fastmerge.StateDictSink) 
         sink.state_dict[planned.name].copy_(pair.plan.a.view(planned.source_a))
 
 
-def _write_floor(directory: Path, nbytes: int) -> None:
-    """Write and fsync `nbytes` in 8 MiB blocks, as the shard writer does."""
-    block = bytes(8 * 2**20)
-    with open(directory / "floor.bin", "wb") as handle:
-        for _ in range(0, nbytes, len(block)):
-            handle.write(block)
-        handle.flush()
-        os.fsync(handle.fileno())
-    (directory / "floor.bin").unlink()
-
-
-def test_resident_re_merge_against_a_fresh_merge_from_disk(
-    benchmark, smollm_pair, tmp_path, capsys
-):
-    a, b = smollm_pair
+def test_resident_re_merge_against_a_fresh_merge_from_disk(benchmark, report, pair_135m, tmp_path):
+    a, b = pair_135m
     fresh_out = tmp_path / "fresh"
     fresh = _best_of(3, lambda: fastmerge.merge(a, b, fresh_out, 0.7, force=True))
 
@@ -111,21 +70,30 @@ def test_resident_re_merge_against_a_fresh_merge_from_disk(
 
     _assert_equal(sink.state_dict, fresh_out)
     _assert_equal(load_file(tmp_path / "resident" / "model.safetensors"), fresh_out)
-    _report(
-        benchmark,
-        capsys,
-        "resident re-merge (SmolLM-135M shape, CPU)",
-        {
-            "fresh merge from disk, s": fresh,
-            "resident re-merge into memory, s": re_merge,
-            "resident re-merge into a directory, s": to_directory,
-            "resident load (copy + statistics), s": load_seconds,
-            "bf16 -> fp16 copy of the base (floor), s": floor,
-            "resident re-merge, GB/s moved": moved / re_merge / 1e9,
-            "ratio re-merge / copy floor": re_merge / floor,
-            "ratio fresh / resident re-merge": fresh / re_merge,
-            "ratio fresh / resident into a directory": fresh / to_directory,
-        },
+    benchmark.extra_info.update(
+        fresh=fresh, re_merge=re_merge, to_directory=to_directory, load=load_seconds, floor=floor
+    )
+    label = "farm, resident SmolLM-135M pair (CPU)"
+    report.add(
+        label,
+        "re-merge at a new t into memory",
+        f"{re_merge:.3f} s, {moved / re_merge / 1e9:.2f} GB/s moved",
+        f"fresh merge from disk {fresh:.3f} s",
+        f"{fresh / re_merge:.1f}x faster",
+    )
+    report.add(
+        label,
+        "re-merge at a new t into a directory",
+        f"{to_directory:.3f} s",
+        f"fresh merge from disk {fresh:.3f} s",
+        f"{fresh / to_directory:.1f}x faster",
+    )
+    report.add(
+        label,
+        "loading: copy both models + statistics",
+        f"{load_seconds:.3f} s",
+        f"bf16->fp16 copy of the base {floor:.3f} s",
+        f"re-merge {re_merge / floor:.2f}x the copy",
     )
 
 
@@ -161,26 +129,33 @@ def _sweep_against_merges(a: Path, b: Path, root: Path, benchmark=None) -> dict[
         for name in ("model.safetensors", "config.json"):
             assert (swept_out / name).read_bytes() == (separate_out / name).read_bytes()
     output_bytes = sum((out / "model.safetensors").stat().st_size for out in sweep_outs)
-    write_floor = _best_of(3, lambda: _write_floor(root, output_bytes))
+    floor = min(write_floor(root, output_bytes) for _ in range(3))
     for out in separate_outs + sweep_outs:
         shutil.rmtree(out)
-    return {"separate": separate, "sweep": swept, "write floor": write_floor}
+    return {"separate": separate, "sweep": swept, "write floor": floor}
 
 
-def test_sweep_of_five_against_five_merges(benchmark, smollm_pair, tmp_path, capsys):
-    on_disk = _sweep_against_merges(*smollm_pair, tmp_path, benchmark)
-    figures = {
-        f"{len(SWEEP)} separate merges (disk), s": on_disk["separate"],
-        f"one sweep of {len(SWEEP)} (disk), s": on_disk["sweep"],
-        "write + fsync of the sweep's bytes (disk), s": on_disk["write floor"],
-        "ratio separate / sweep (disk)": on_disk["separate"] / on_disk["sweep"],
-    }
+def test_sweep_of_five_against_five_merges(benchmark, report, pair_135m, tmp_path):
+    on_disk = _sweep_against_merges(*pair_135m, tmp_path, benchmark)
+    label = f"farm, sweep of {len(SWEEP)} t values, SmolLM-135M pair (CPU)"
+    report.add(
+        label,
+        "one sweep, outputs on disk",
+        f"{on_disk['sweep']:.2f} s",
+        f"{len(SWEEP)} separate merges {on_disk['separate']:.2f} s; write+fsync of "
+        f"the same bytes {on_disk['write floor']:.2f} s",
+        f"{on_disk['separate'] / on_disk['sweep']:.2f}x faster",
+    )
+    benchmark.extra_info.update({f"disk {k}": v for k, v in on_disk.items()})
+
     if Path("/dev/shm").is_dir():
         with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-            in_memory = _sweep_against_merges(*smollm_pair, Path(shm))
-        figures |= {
-            f"{len(SWEEP)} separate merges (tmpfs), s": in_memory["separate"],
-            f"one sweep of {len(SWEEP)} (tmpfs), s": in_memory["sweep"],
-            "ratio separate / sweep (tmpfs)": in_memory["separate"] / in_memory["sweep"],
-        }
-    _report(benchmark, capsys, f"sweep of {len(SWEEP)} t values (SmolLM-135M shape, CPU)", figures)
+            in_memory = _sweep_against_merges(*pair_135m, Path(shm))
+        report.add(
+            label,
+            "one sweep, outputs in tmpfs",
+            f"{in_memory['sweep']:.2f} s",
+            f"{len(SWEEP)} separate merges {in_memory['separate']:.2f} s",
+            f"{in_memory['separate'] / in_memory['sweep']:.2f}x faster",
+        )
+        benchmark.extra_info.update({f"tmpfs {k}": v for k, v in in_memory.items()})
