@@ -176,11 +176,11 @@ def _check_manifest(
                 _check_shard(path, entry, headers[name], report, reader)
         else:
             report.checksums += 1
-            found = crc_text(reader.crc32(path))
-            if found != entry.get("crc32"):
+            found = crc_text(reader.crc32c(path))
+            if found != entry.get("crc32c"):
                 report.problems.append(
                     f"{name}: its checksum is {found}, but {MANIFEST_FILE} recorded "
-                    f"{entry.get('crc32')}; the file was changed or damaged after the merge"
+                    f"{entry.get('crc32c')}; the file was changed or damaged after the merge"
                 )
 
     for path in sorted(root.iterdir()):
@@ -206,11 +206,11 @@ def _check_shard(
         )
 
     report.checksums += 1
-    found = crc_text(reader.crc32(path, 0, file.header.data_start))
-    if found != entry.get("header_crc32"):
+    found = crc_text(reader.crc32c(path, 0, file.header.data_start))
+    if found != entry.get("header_crc32c"):
         report.problems.append(
             f"{path.name}: the header's checksum is {found}, but {MANIFEST_FILE} recorded "
-            f"{entry.get('header_crc32')}; the header was damaged: copy or download the file "
+            f"{entry.get('header_crc32c')}; the header was damaged: copy or download the file "
             "again"
         )
 
@@ -218,7 +218,7 @@ def _check_shard(
         if info.name not in recorded:
             continue
         report.checksums += 1
-        found = crc_text(reader.crc32(path, info.begin, info.end))
+        found = crc_text(reader.crc32c(path, info.begin, info.end))
         if found != recorded[info.name]:
             report.problems.append(
                 f"{path.name}: tensor {info.name!r} (bytes {info.begin}-{info.end}) is damaged: "

@@ -15,12 +15,12 @@ import logging
 import os
 import queue
 import threading
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .manifest import checksum
 from .plan import MergePlan, PlannedTensor
 from .safetensors_format import encode_header
 
@@ -38,9 +38,9 @@ class ShardWriter:
     Use as a context manager; `close()` flushes, fsyncs and writes the index. Errors from the
     writer thread (a full disk, say) are raised in the caller's thread at the next call.
 
-    The writer thread also takes a CRC-32 of each tensor's bytes as it writes them (zlib
-    releases the GIL for it), and of each shard's header: `checksums` and `header_checksums`
-    feed the output's manifest (fastmerge.manifest).
+    The writer thread also takes a CRC-32C of each tensor's bytes as it writes them (without
+    the GIL), and of each shard's header: `checksums` and `header_checksums` feed the
+    output's manifest (fastmerge.manifest).
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class ShardWriter:
 
         entries = [(p.name, p.out_dtype, p.shape) for p in self.plan.shard_tensors(shard)]
         header = encode_header(entries, {"format": "pt"})
-        self.header_checksums[self.plan.shard_names[shard]] = zlib.crc32(header)
+        self.header_checksums[self.plan.shard_names[shard]] = checksum(header)
         self._pending.put(_Write(self._fd, header))
 
     def _finish_shard(self) -> None:
@@ -176,7 +176,7 @@ class ShardWriter:
         data = item.data if isinstance(item.data, bytes) else item.data.numpy()
         self._write_bytes(item.fd, memoryview(data).cast("B"))
         if item.tensor is not None:
-            self.checksums[item.tensor] = zlib.crc32(data, self.checksums.get(item.tensor, 0))
+            self.checksums[item.tensor] = checksum(data, self.checksums.get(item.tensor, 0))
         if self.on_bytes is not None and item.staging is not None:
             self.on_bytes(len(data))
 

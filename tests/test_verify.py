@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import zlib
 from pathlib import Path
 
+import crc32c
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -56,16 +56,16 @@ def test_the_manifest_holds_every_file_and_the_crc_of_every_tensor(good_output):
         path = good_output / name
         assert entry["size"] == path.stat().st_size, name
         if not name.endswith(".safetensors"):
-            assert entry["crc32"] == f"{zlib.crc32(path.read_bytes()):08x}", name
+            assert entry["crc32c"] == f"{crc32c.crc32c(path.read_bytes()):08x}", name
             continue
         # Checksums taken by the writer thread, against the bytes the library reads back.
         with safe_open(path, "pt") as handle:
             assert sorted(entry["tensors"]) == sorted(handle.keys())
             for tensor in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 data = handle.get_tensor(tensor).reshape(-1).view(-1).numpy().tobytes()
-                assert entry["tensors"][tensor] == f"{zlib.crc32(data):08x}", tensor
+                assert entry["tensors"][tensor] == f"{crc32c.crc32c(data):08x}", tensor
         length = struct.unpack("<Q", path.read_bytes()[:8])[0]
-        assert entry["header_crc32"] == f"{zlib.crc32(path.read_bytes()[: 8 + length]):08x}"
+        assert entry["header_crc32c"] == f"{crc32c.crc32c(path.read_bytes()[: 8 + length]):08x}"
 
 
 def test_an_intact_output_verifies(runner, good_output):
