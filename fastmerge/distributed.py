@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 LOCAL = "local"
 """Start a Ray instance on this machine for the call, and stop it after."""
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+"""Ray's shared-memory object store for a local instance: units and farm workers return
+metadata only (weights never travel through it), so a small one is plenty."""
 AUTO = "auto"
 """Join the cluster that `ray start` runs on this machine."""
 DEFAULT_RETRIES = 3
@@ -125,7 +128,12 @@ def ray_session(address: str = LOCAL) -> Iterator[ModuleType]:
 
     try:
         if address == LOCAL:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                logging_level=logging.WARNING,
+            )
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
