@@ -39,7 +39,7 @@ def _digests(directory: Path) -> dict[str, str]:
     return digests
 
 
-def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory):
+def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory, caplog):
     a, b = pair_1b
     work = tmp_path_factory.mktemp("ray-1b")
     single, parallel = work / "single", work / "ray"
@@ -66,9 +66,13 @@ def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory):
     start_s = time.perf_counter() - started
     try:
         merge_ray()  # starts the workers (imports) once
-        ray_s = best_seconds(merge_ray, rounds=2)
+        with caplog.at_level(logging.INFO, logger="fastmerge.distributed"):
+            ray_s = best_seconds(merge_ray, rounds=2)
     finally:
         ray.shutdown()
+    unit_seconds = [
+        record.args[-1] for record in caplog.records if record.msg.startswith("unit %d of %d")
+    ]
 
     written = sum(p.stat().st_size for p in single.iterdir() if p.suffix == ".safetensors")
     gb = written / 1e9
@@ -88,6 +92,15 @@ def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory):
         f"{ray_s:.2f} s, {gb / ray_s:.2f} GB/s written; Ray start {start_s:.1f} s apart",
         f"single process {single_s:.2f} s",
         f"{single_s / ray_s:.2f}x the single process's speed",
+    )
+
+    unit_gb = gb / shards
+    report.add(
+        label,
+        "one unit (1 CPU) of those Ray runs",
+        f"{unit_gb:.2f} GB shard in {min(unit_seconds):.2f} to {max(unit_seconds):.2f} s",
+        "",
+        f"{unit_gb / max(unit_seconds):.2f} to {unit_gb / min(unit_seconds):.2f} GB/s per unit",
     )
 
     mine, theirs = _digests(parallel), _digests(single)

@@ -126,6 +126,8 @@ def ray_session(address: str = LOCAL) -> Iterator[ModuleType]:
         yield ray
         return
 
+    if address not in (LOCAL, AUTO):
+        _check_reachable(address)
     try:
         if address == LOCAL:
             ray.init(
@@ -148,6 +150,23 @@ def ray_session(address: str = LOCAL) -> Iterator[ModuleType]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a head that does not answer at once: Ray itself retries for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FastmergeError(
+            f"--ray {address!r}: expected local, auto, HOST:PORT (the head's GCS port, 6379 "
+            "by default) or ray://HOST:PORT (Ray Client, 10001 by default)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise FastmergeError(
+            f"cannot reach the Ray head at {host}:{port} ({exc.strerror or exc}); is "
+            "`ray start --head` running there, and is the port open to this machine?"
+        ) from None
 
 
 # The units of a shard-parallel merge.
@@ -411,7 +430,7 @@ def sweep(
         ]
 
         with ray_session(ray) as ray_module, ExitStack() as outputs:
-            unit_device = _unit_device(ray_module, device)
+            unit_device = placement(ray_module, device, cpus_per_unit)
             _warn_if_few_units(ray_module, len(units), cpus_per_unit, unit_device)
             temporaries = [outputs.enter_context(transaction) for transaction in transactions]
             template = UnitSpec(
@@ -462,27 +481,43 @@ def sweep(
     return results
 
 
-def _unit_device(ray: ModuleType, device: str) -> str:
-    if device == "auto":
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    if device not in ("cpu", "cuda"):
+def placement(ray: ModuleType, device: str, cpus: int) -> str:
+    """The device units or workers run on ("auto": GPUs when the cluster has some), checked
+    against the cluster: a request no node can meet would wait forever."""
+    if device not in ("auto", "cpu", "cuda"):
         raise FastmergeError(
-            f"on Ray, units run on device cpu, cuda (one GPU each) or auto, not {device!r}: Ray "
-            "assigns the GPU"
+            f"on Ray, merges run on device cpu, cuda (one GPU each, which Ray assigns) or auto, "
+            f"not {device!r}"
+        )
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    gpus = sum(node.get("GPU", 0) for node in nodes)
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise FastmergeError(
+            "device cuda: the Ray cluster has no GPU; use --device cpu, or add GPU nodes "
+            "(`ray start --address HEAD:6379` on a machine with GPUs)"
+        )
+    largest = max((node.get("CPU", 0) for node in nodes), default=0)
+    if largest < cpus:
+        raise FastmergeError(
+            f"each unit or worker asks for {cpus} CPU(s), but the largest node of the Ray "
+            f"cluster has {largest:g}; ask for fewer"
         )
     return device
 
 
 def _warn_if_few_units(ray: ModuleType, units: int, cpus_per_unit: int, device: str) -> None:
-    resources = ray.cluster_resources()
-    slots = int(
-        resources.get("GPU", 0) if device == "cuda" else resources.get("CPU", 0) // cpus_per_unit
-    )
-    if units < slots:
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if device == "cuda":
+        slots = sum(int(node.get("GPU", 0)) for node in nodes)
+    else:
+        slots = sum(int(node.get("CPU", 0) // cpus_per_unit) for node in nodes)
+    if units < min(slots, max(2, len(nodes))):
         logger.warning(
-            "the output has %d unit(s) of whole shards for %d worker slot(s) on the cluster: "
-            "at most %d run at once; a smaller --shard-size (the output size divided by the "
-            "slots) cuts it into more shards",
+            "the merge has %d unit(s) of whole output shards for %d worker slot(s), so only "
+            "%d run at once; a smaller --shard-size (the output size divided by the slots) "
+            "cuts the output into more shards",
             units,
             slots,
             units,
@@ -552,6 +587,12 @@ def _unit_error(
     cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
     if isinstance(cause, UnitFailure):
         what = f"failed on {cause.node}: {cause.message}"
+    elif isinstance(cause, ImportError):
+        node = getattr(exc, "ip", None) or "a worker"
+        what = (
+            f"failed on {node}: {cause}; install the same fastmerge and torch on every node of "
+            "the cluster"
+        )
     elif cause is not None:
         node = getattr(exc, "ip", None) or "a worker"
         what = f"failed on {node}: {type(cause).__name__}: {cause} (a bug: please report it)"
@@ -718,13 +759,13 @@ class Farm:
         self._queue: deque[_Job] = deque()
         self._running: dict[Any, tuple[int, _Job]] = {}
         try:
+            worker_device = placement(self._ray, device, cpus_per_worker)
             actor = self._ray.remote(FarmWorker).options(
                 num_cpus=cpus_per_worker,
-                num_gpus=1 if device.startswith("cuda") else 0,
+                num_gpus=0 if worker_device == "cpu" else 1,
                 max_restarts=restarts,
                 max_task_retries=restarts,
             )
-            worker_device = "cuda" if device.startswith("cuda") else device
             self._workers = [
                 actor.remote(*sources, memory_budget, worker_device, model, options)
                 for _ in range(workers)

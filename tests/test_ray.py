@@ -88,6 +88,22 @@ def test_importing_fastmerge_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_an_unreachable_or_malformed_address_is_refused_at_once(tiny_pair, tmp_path):
+    """In a fresh process, where no Ray connection exists yet; port 1 on the loopback is
+    closed, so the head is unreachable."""
+    for address, message in [
+        ("127.0.0.1:1", "cannot reach the Ray head at 127.0.0.1:1"),
+        ("ray://127.0.0.1:1", "cannot reach the Ray head at 127.0.0.1:1"),
+        ("somewhere", "expected local, auto, HOST:PORT"),
+    ]:
+        command = [sys.executable, "-m", "fastmerge", "slerp", *map(str, tiny_pair)]
+        command += ["-o", str(tmp_path / "out"), "--ray", address]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert completed.returncode == EXIT_BAD_INPUT, completed.stderr
+        assert message in completed.stderr
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_without_ray_installed_the_message_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     with pytest.raises(fastmerge.FastmergeError, match=r"pip install 'fastmerge\[ray\]'"):
@@ -136,6 +152,19 @@ def test_a_single_shard_output_is_one_unit_and_the_same_bytes(ray_cluster, tiny_
 
     assert result.device.startswith("ray: 1 unit(s)")
     assert_same_files(tmp_path / "ray", tmp_path / "single")
+
+
+def test_requests_the_cluster_cannot_meet_are_refused_before_anything_is_written(
+    ray_cluster, tiny_pair, tmp_path
+):
+    a, b = tiny_pair
+    with pytest.raises(fastmerge.FastmergeError, match="the Ray cluster has no GPU"):
+        distributed.merge(a, b, tmp_path / "out", ray="local", device="cuda")
+    with pytest.raises(fastmerge.FastmergeError, match="the largest node of the Ray cluster has 2"):
+        distributed.merge(a, b, tmp_path / "out", ray="local", cpus_per_unit=3)
+    with pytest.raises(fastmerge.FastmergeError, match="the Ray cluster has no GPU"):
+        distributed.Farm(a, b, memory_budget=10**7, ray="local", device="cuda")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ray_sweep_equals_separate_merges(ray_cluster, sharded_pair, tmp_path):
