@@ -481,9 +481,10 @@ def sweep(
     return results
 
 
-def placement(ray: ModuleType, device: str, cpus: int) -> str:
+def placement(ray: ModuleType, device: str, cpus: int, workers: int = 0) -> str:
     """The device units or workers run on ("auto": GPUs when the cluster has some), checked
-    against the cluster: a request no node can meet would wait forever."""
+    against the cluster: a request no node can meet, or `workers` long-lived actors the
+    cluster cannot hold at once, would wait forever."""
     if device not in ("auto", "cpu", "cuda"):
         raise FastmergeError(
             f"on Ray, merges run on device cpu, cuda (one GPU each, which Ray assigns) or auto, "
@@ -503,6 +504,15 @@ def placement(ray: ModuleType, device: str, cpus: int) -> str:
         raise FastmergeError(
             f"each unit or worker asks for {cpus} CPU(s), but the largest node of the Ray "
             f"cluster has {largest:g}; ask for fewer"
+        )
+    if device == "cuda":
+        slots, unit = int(gpus), "GPU"
+    else:
+        slots, unit = sum(int(node.get("CPU", 0) // cpus) for node in nodes), f"{cpus}-CPU"
+    if workers > slots:
+        raise FastmergeError(
+            f"workers={workers} asks for {workers} {unit} slots, but the Ray cluster has "
+            f"{slots}; start fewer workers or add nodes"
         )
     return device
 
@@ -759,7 +769,7 @@ class Farm:
         self._queue: deque[_Job] = deque()
         self._running: dict[Any, tuple[int, _Job]] = {}
         try:
-            worker_device = placement(self._ray, device, cpus_per_worker)
+            worker_device = placement(self._ray, device, cpus_per_worker, workers)
             actor = self._ray.remote(FarmWorker).options(
                 num_cpus=cpus_per_worker,
                 num_gpus=0 if worker_device == "cpu" else 1,
@@ -828,10 +838,12 @@ class Farm:
         evaluate: Callable[[Any], Any] | None = None,
         force: bool = False,
     ) -> Iterator[FarmResult]:
-        """Merge at every t, yielding results in completion order.
+        """Submit a merge at every t now; the iterator returned yields the results in the
+        order they finish.
 
         `into` is None, a directory name with a `{t}` placeholder, or a function of t giving
-        one. Needs an idle farm; leaving the loop early drops the candidates not yet run.
+        one. Needs an idle farm. Leaving the loop early (or a failed candidate) drops the
+        candidates not yet started and waits for the running ones.
         """
         if self.pending:
             raise FastmergeError(
@@ -839,10 +851,14 @@ class Farm:
                 "their results with next() first"
             )
         ts = list(ts)
-        for t in ts:
-            self.submit(t, into=_output_for(into, t, len(ts)), evaluate=evaluate, force=force)
+        outputs = [_output_for(into, t, len(ts)) for t in ts]
+        for t, output in zip(ts, outputs, strict=True):
+            self.submit(t, into=output, evaluate=evaluate, force=force)
+        return self._take(len(ts))
+
+    def _take(self, count: int) -> Iterator[FarmResult]:
         try:
-            for _ in ts:
+            for _ in range(count):
                 yield self.next()
         finally:
             self._queue.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,8 @@ def test_requests_the_cluster_cannot_meet_are_refused_before_anything_is_written
         distributed.merge(a, b, tmp_path / "out", ray="local", cpus_per_unit=3)
     with pytest.raises(fastmerge.FastmergeError, match="the Ray cluster has no GPU"):
         distributed.Farm(a, b, memory_budget=10**7, ray="local", device="cuda")
+    with pytest.raises(fastmerge.FastmergeError, match="asks for 3 1-CPU slots, but the Ray"):
+        distributed.Farm(a, b, workers=3, memory_budget=10**7, ray="local")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -408,3 +411,26 @@ def test_a_farm_over_its_memory_budget_is_refused(ray_cluster, tiny_pair):
     with pytest.raises(DistributedError, match="more than memory_budget=1,000") as caught:
         distributed.Farm(a, b, workers=1, memory_budget=1000, ray="local")
     assert "failed on " in str(caught.value)
+
+
+def test_the_readme_examples_run(ray_cluster, tiny_pair, tmp_path):
+    """The Python examples of "Beyond one machine (Ray)", on this session's cluster, with
+    /shared/ standing for a temporary directory and 2 farm workers for the cluster's 2 CPUs."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Beyond one machine (Ray)", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(examples) == 2, "the section's Python examples changed: update this test"
+
+    for name, source in zip(("base", "instruct"), tiny_pair, strict=True):
+        copy_model(source, tmp_path / name)
+    for index, example in enumerate(examples):
+        code = example.replace("/shared/", f"{tmp_path}/").replace("workers=8", "workers=2")
+        namespace: dict = {"__name__": "__main__"}
+        exec(compile(code, f"README.md (Ray example {index + 1})", "exec"), namespace)
+
+    assert sorted(namespace["written"]) == [tmp_path / "merged-0.4", tmp_path / "merged-0.6"]
+    assert {namespace["first"].ticket, namespace["second"].ticket} == set(namespace["tickets"])
+    fastmerge.merge(tmp_path / "base", tmp_path / "instruct", tmp_path / "single-0.4", 0.4)
+    assert_same_files(tmp_path / "merged-0.4", tmp_path / "single-0.4")
+    fastmerge.merge(tmp_path / "base", tmp_path / "instruct", tmp_path / "single", 0.6)
+    assert_same_files(tmp_path / "merged", tmp_path / "single")
