@@ -40,7 +40,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
@@ -260,8 +260,7 @@ def _merge_unit(spec: UnitSpec, node: str) -> UnitOutcome:
                 ]
                 # Statistics single-threaded, as the single-process CPU engine computes them:
                 # a float64 dot split across threads may round differently.
-                threads = _torch_threads(1) if cpu else _no_change()
-                with threads:
+                with _torch_threads(1) if cpu else nullcontext():
                     for position, (_, tensor_reports) in enumerate(
                         stream_each(units, engine, writers)
                     ):
@@ -291,11 +290,6 @@ def _merge_unit(spec: UnitSpec, node: str) -> UnitOutcome:
         bytes_written=sum(unit.output_bytes for unit in units),
         seconds=time.perf_counter() - started,
     )
-
-
-@contextmanager
-def _no_change() -> Iterator[None]:
-    yield
 
 
 def _only_shards(plan: MergePlan, shards: Iterable[int]) -> MergePlan:
@@ -460,13 +454,12 @@ def sweep(
 
             nodes = len({outcome.node for outcome in outcomes})
             device_name = f"ray: {len(units)} unit(s) on {nodes} node(s), {outcomes[0].engine}"
-            results = []
-            for position, (plan, temporary, out) in enumerate(
-                zip(plans, temporaries, outs, strict=True)
-            ):
-                result = _finish_output(plan, temporary, Path(out), outcomes, position, pair)
-                result.device = device_name
-                results.append(result)
+            results = [
+                _finish_output(plan, temporary, Path(out), outcomes, position, pair, device_name)
+                for position, (plan, temporary, out) in enumerate(
+                    zip(plans, temporaries, outs, strict=True)
+                )
+            ]
 
             # The outputs hold what was read only if the inputs held still meanwhile.
             pair.plan.a.check_unchanged()
@@ -627,6 +620,7 @@ def _finish_output(
     outcomes: list[UnitOutcome],
     position: int,
     pair: Pair,
+    device: str,
 ) -> MergeResult:
     """The driver's files of one output, written last: index, companions, manifest."""
     for leftover in temporary.glob(f"{UNIT_PREFIX}*"):  # from attempts whose worker died
@@ -640,7 +634,7 @@ def _finish_output(
         by_name.update((report.name, report) for report in outcome.reports[position])
     assert set(by_name) == {p.name for p in plan.tensors}, "a unit left tensors out"
 
-    result = MergeResult(out, "ray", [by_name[p.name] for p in plan.tensors])
+    result = MergeResult(out, device, [by_name[p.name] for p in plan.tensors])
     result.bytes_read = plan.input_bytes
     result.bytes_written = plan.output_bytes
     if len(plan.shard_names) > 1:
@@ -712,9 +706,6 @@ class FarmWorker:
         if evaluate is None:
             return result, None
         return result, evaluate(self.module if self.module is not None else self.weights.state_dict)
-
-    def close(self) -> None:
-        self.pair.close()
 
 
 @dataclass
@@ -870,8 +861,9 @@ class Farm:
 
     def close(self) -> None:
         """Stop the actors (and the Ray instance the farm started, if it started one)."""
-        for worker in self._workers:
-            self._ray.kill(worker)
+        if self._ray.is_initialized():  # else the program shut Ray, and the actors, down
+            for worker in self._workers:
+                self._ray.kill(worker)
         self._workers = []
         self._stack.close()
 
