@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +38,9 @@ def _digests(directory: Path) -> dict[str, str]:
     return digests
 
 
-def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory, caplog):
+def test_ray_two_workers_against_one_process(
+    report, pair_1b, tmp_path_factory, caplog, monkeypatch
+):
     a, b = pair_1b
     work = tmp_path_factory.mktemp("ray-1b")
     single, parallel = work / "single", work / "ray"
@@ -55,7 +56,7 @@ def test_ray_two_workers_against_one_process(report, pair_1b, tmp_path_factory, 
     merge_single()  # warms the page cache with both inputs
     single_s = best_seconds(merge_single, rounds=2)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
     started = time.perf_counter()
     ray.init(
         num_cpus=WORKERS,
