@@ -665,8 +665,8 @@ class FarmWorker:
 
     def __init__(
         self,
-        a: str,
-        b: str,
+        sources: tuple[str, str],
+        names: tuple[str, str],
         memory_budget: int,
         device: str,
         model: Callable[[], torch.nn.Module] | None,
@@ -675,7 +675,10 @@ class FarmWorker:
         self.node = socket.gethostname()
         self.failure: UnitFailure | None = None
         try:
-            self.pair = ResidentPair(a, b, memory_budget=memory_budget, device=device, **options)
+            self.pair = ResidentPair(
+                *sources, memory_budget=memory_budget, device=device, **options
+            )
+            self.pair.names = names  # the model card names the models as the driver was given
             self.module = model() if model is not None else None
             self.weights = StateDictSink(self.pair.engine.device)
         except FastmergeError as exc:  # handed over by describe(), where the driver waits
@@ -752,6 +755,7 @@ class Farm:
             )
         with Pair(a, b, device="cpu", **options) as pair:  # every plan problem, here and now
             sources = str(pair.plan.a.source), str(pair.plan.b.source)
+            names = pair.names
 
         self._stack = ExitStack()
         self._ray = self._stack.enter_context(ray_session(ray))
@@ -768,7 +772,7 @@ class Farm:
                 max_task_retries=restarts,
             )
             self._workers = [
-                actor.remote(*sources, memory_budget, worker_device, model, options)
+                actor.remote(sources, names, memory_budget, worker_device, model, options)
                 for _ in range(workers)
             ]
             try:

@@ -9,6 +9,7 @@ farm here is closed by the test that opens it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -362,6 +363,26 @@ def test_farm_map_equals_separate_merges_and_evaluates_in_the_worker(
 
     with pytest.raises(ray.exceptions.RayActorError):  # close() stopped the actors
         ray.get(handles[0].describe.remote(), timeout=60)
+
+
+def test_farm_workers_merge_into_a_module_of_their_own_in_place(ray_cluster, tiny_pair, tmp_path):
+    from .test_farm import _module
+
+    def evaluate(module: torch.nn.Module) -> tuple[float, float, int]:
+        norm, embedding = module.model.norm.weight, module.model.embed_tokens.weight
+        return float(norm.double().sum()), float(embedding.double().sum()), norm.data_ptr()
+
+    a, b = tiny_pair
+    model = functools.partial(_module, True)
+    with distributed.Farm(a, b, memory_budget=10**7, ray="local", model=model) as farm:
+        results = sorted(farm.map([0.3, 0.6], evaluate=evaluate), key=lambda r: r.t)
+
+    for result in results:
+        fastmerge.merge(a, b, tmp_path / f"single-{result.t}", result.t)
+        want = load_output(tmp_path / f"single-{result.t}")
+        norm, embedding = want["model.norm.weight"], want["model.embed_tokens.weight"]
+        assert result.score[:2] == (float(norm.double().sum()), float(embedding.double().sum()))
+    assert results[0].score[2] == results[1].score[2], "the module's tensor was reallocated"
 
 
 def wait_for_release(release: Path):
