@@ -7,6 +7,8 @@
 For programs that merge many times (t sweeps, evolutionary merge searches), `Pair` plans
 once and merges into directories, modules, state dicts or iterators, and `ResidentPair`
 keeps both inputs in memory so that a new t costs one pass and no reads.
+`fastmerge.distributed` runs merges (as parallel units of output shards) and farms on a Ray
+cluster; ray is imported only there, and only when used.
 """
 
 from .errors import CheckpointError, FastmergeError, MergeError, OutputError, PlanError

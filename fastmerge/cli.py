@@ -35,6 +35,17 @@ DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show the full traceback when something fails.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+RayOption = Annotated[
+    Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run on Ray, one task per output shard (pip install 'fastmerge[ray]'): 'local' "
+        "starts Ray on this machine for this merge, 'auto' joins the cluster `ray start` runs "
+        "here, HOST:6379 or ray://HOST:10001 a cluster's head. Inputs and output must be on "
+        "storage every node sees.",
+    ),
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -193,6 +204,7 @@ def slerp(
     allow_architecture_mismatch: Annotated[
         bool, typer.Option(help="Merge even if config.json names different architectures.")
     ] = False,
+    ray: RayOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -220,6 +232,7 @@ def slerp(
             extrapolate=extrapolate,
             allow_architecture_mismatch=allow_architecture_mismatch,
             on_progress=on_progress,
+            ray=ray,
         )
     if not quiet:
         for result in results:
@@ -253,6 +266,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing output once done.")] = False,
     extrapolate: Annotated[bool, typer.Option(help="Allow t outside [0, 1].")] = False,
+    ray: RayOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -267,6 +281,7 @@ def run(
             force=force,
             extrapolate=extrapolate,
             on_progress=on_progress,
+            ray=ray,
         )
     if not quiet:
         _print_summary(result)

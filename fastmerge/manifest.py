@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import crc32c
 
-if TYPE_CHECKING:
-    from .writer import ShardWriter
+from .plan import MergePlan
 
 MANIFEST_FILE = "fastmerge-manifest.json"
 FORMAT = "fastmerge-manifest"
@@ -60,7 +59,16 @@ class CrcReader:
         return crc
 
 
-def write_manifest(directory: Path, writer: ShardWriter) -> Path:
+class WrittenShards(Protocol):
+    """The checksums taken while a plan's shards were written: a ShardWriter, or what the
+    driver of a distributed merge gathers from its units (fastmerge.distributed)."""
+
+    plan: MergePlan
+    checksums: dict[str, int]
+    header_checksums: dict[str, int]
+
+
+def write_manifest(directory: Path, writer: WrittenShards) -> Path:
     """Describe every file now in `directory` (the last step before the output is committed)."""
     files: dict[str, dict] = {}
     shard_tensors: dict[str, list[str]] = {}

@@ -104,14 +104,17 @@ def merge(
     extrapolate: bool = False,
     allow_architecture_mismatch: bool = False,
     on_progress: ProgressCallback | None = None,
+    ray: str | None = None,
 ) -> MergeResult:
     """SLERP-merge checkpoint `a` (the base) with `b` at `t` into the directory `out`.
 
     `a` and `b` are model directories, index files, .safetensors files or Hub ids. `t` is a
     number or a schedule (see fastmerge.schedule). The output is complete or absent: it is
     built beside `out` and moved into place at the end; an existing `out` is replaced only
-    with `force`. `device` is auto, cpu, cuda or cuda:N, or an Engine. Raises FastmergeError
-    (with a message meant for people) on bad input.
+    with `force`. `device` is auto, cpu, cuda or cuda:N, or an Engine. `ray` ("local",
+    "auto", HOST:PORT or ray://HOST:10001) runs the merge as parallel units on Ray, one per
+    output shard (fastmerge.distributed), with the same output. Raises FastmergeError (with a
+    message meant for people) on bad input.
     """
     return sweep(
         a,
@@ -126,6 +129,7 @@ def merge(
         extrapolate=extrapolate,
         allow_architecture_mismatch=allow_architecture_mismatch,
         on_progress=on_progress,
+        ray=ray,
     )[0]
 
 
@@ -137,11 +141,19 @@ def sweep(
     *,
     force: bool = False,
     on_progress: ProgressCallback | None = None,
+    ray: str | None = None,
     **options,
 ) -> list[MergeResult]:
     """Merge `a` and `b` at every t of `ts` into the matching directory of `outs`, reading
     each tensor pair once. The outputs are moved into place together at the end: a failure
     before that leaves none. `options` are merge()'s."""
+    if ray is not None:
+        from . import distributed
+
+        return distributed.sweep(
+            a, b, ts, outs, ray=ray, force=force, on_progress=on_progress, **options
+        )
+
     started = time.perf_counter()
     with Pair(a, b, t=ts[0] if ts else 0.5, **options) as pair:
         results = pair.sweep(ts, outs, force=force, on_progress=on_progress)

@@ -35,8 +35,10 @@ STAGING_BUFFERS = 4
 class ShardWriter:
     """A Sink that writes a plan's shards into `directory` (which must exist and be empty).
 
-    Use as a context manager; `close()` flushes, fsyncs and writes the index. Errors from the
-    writer thread (a full disk, say) are raised in the caller's thread at the next call.
+    Use as a context manager; `close()` flushes, fsyncs and writes the index (unless `index`
+    is False: a unit of a distributed merge writes some of the shards, and its driver writes
+    the index). Errors from the writer thread (a full disk, say) are raised in the caller's
+    thread at the next call.
 
     The writer thread also takes a CRC-32C of each tensor's bytes as it writes them (without
     the GIL), and of each shard's header: `checksums` and `header_checksums` feed the
@@ -51,9 +53,11 @@ class ShardWriter:
         staging_bytes: int = STAGING_BYTES,
         pin_memory: bool = False,
         on_bytes: Callable[[int], None] | None = None,
+        index: bool = True,
     ) -> None:
         self.directory = directory
         self.plan = plan
+        self.index = index
         self.on_bytes = on_bytes
         self._shard = -1
         self._fd: int | None = None
@@ -115,8 +119,8 @@ class ShardWriter:
         self._stop_thread()
         self._raise_if_failed()
 
-        if len(self.plan.shard_names) > 1:
-            self._write_index()
+        if self.index and len(self.plan.shard_names) > 1:
+            write_index(self.directory, self.plan)
 
     def abort(self) -> None:
         """Stop after a failure elsewhere: drop queued writes, close files, keep the error."""
@@ -138,14 +142,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-    def _write_index(self) -> None:
-        index = {
-            "metadata": {"total_size": self.plan.output_bytes},
-            "weight_map": {p.name: self.plan.shard_names[p.shard] for p in self.plan.tensors},
-        }
-        path = self.directory / INDEX_FILE
-        path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     # The writer thread.
 
@@ -188,6 +184,17 @@ class ShardWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None and not isinstance(self._error, _Aborted):
             raise self._error
+
+
+def write_index(directory: Path, plan: MergePlan) -> Path:
+    """`model.safetensors.index.json` for a plan of several shards: which shard holds what."""
+    index = {
+        "metadata": {"total_size": plan.output_bytes},
+        "weight_map": {p.name: plan.shard_names[p.shard] for p in plan.tensors},
+    }
+    path = directory / INDEX_FILE
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 class _Aborted(Exception):
