@@ -11,6 +11,7 @@ dtype (fp32, or fp64 where `compute_dtype` asks for it).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -57,8 +58,11 @@ class CpuEngine(Engine):
         return x[:count], y[:count]
 
     def run(self, jobs: Iterable[Job], sink: Sink) -> Iterator[Merged]:
-        if self.threads < 2:
-            yield from super().run(jobs, sink)
+        # A single tensor has nothing to overlap with: torch's own threads split its ops.
+        jobs = iter(jobs)
+        first = list(itertools.islice(jobs, 2))
+        if self.threads < 2 or len(first) < 2:
+            yield from super().run(itertools.chain(first, jobs), sink)
             return
 
         def statistics_of(job: Job) -> PairStatistics | None:
@@ -68,7 +72,7 @@ class CpuEngine(Engine):
 
         with _torch_threads(1), ThreadPoolExecutor(1, "fastmerge-statistics") as lookahead:
             previous: tuple[Job, Future] | None = None
-            for job in jobs:
+            for job in itertools.chain(first, jobs):
                 upcoming = (job, lookahead.submit(statistics_of, job))
                 if previous is not None:
                     yield self._finish(*previous, sink)
