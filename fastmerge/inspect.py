@@ -76,7 +76,7 @@ def compare(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]) -> R
             flat_a = a.view(planned.source_a).reshape(-1)
             flat_b = b.view(planned.source_b).reshape(-1)
             try:
-                stats = engine.statistics(flat_a, flat_b)
+                stats = engine.statistics(flat_a, flat_b)  # float64 sums: exact angles
             except NonFiniteInput as exc:
                 model = a if exc.side == "a" else b
                 raise MergeError(

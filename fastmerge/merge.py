@@ -84,7 +84,7 @@ def slerp(
     engine = select_engine("cpu")
     math_dtype = compute_dtype(a.dtype, out_dtype)
     flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
-    stats = engine.statistics(flat_a, flat_b)
+    stats = engine.statistics(flat_a, flat_b, math_dtype)
     out = torch.empty(a.shape, dtype=out_dtype)
     engine.blend(flat_a, flat_b, slerp_blend(stats, t), out.view(-1), math_dtype)
     return out

@@ -43,7 +43,7 @@ def _engine_slerp(a, b, t, out_dtype, chunk=1000):
     """The CPU engine's two primitives with a small chunk, so that chunks and tails occur."""
     engine = CpuEngine(chunk_elements=chunk)
     math_dtype = compute_dtype(a.dtype, out_dtype)
-    stats = engine.statistics(a.reshape(-1), b.reshape(-1))
+    stats = engine.statistics(a.reshape(-1), b.reshape(-1), math_dtype)
     out = torch.empty(a.numel(), dtype=out_dtype)
     engine.blend(a.reshape(-1), b.reshape(-1), slerp_blend(stats, t), out, math_dtype)
     return out.view(a.shape)
@@ -112,33 +112,37 @@ def test_public_slerp_refuses_mismatched_tensors():
         fastmerge.slerp(torch.ones(3), torch.ones(4), 0.5)
 
 
-def test_statistics_of_a_large_tensor_are_float64_accurate():
-    # Plain fp32 sums of tens of millions of elements drift by ~1e-4; chunked sums must not.
+@pytest.mark.parametrize(("math_dtype", "rel_tol"), [(torch.float32, 1e-7), (torch.float64, 1e-13)])
+def test_statistics_of_a_large_tensor_are_accurate(math_dtype, rel_tol):
+    # Plain fp32 sums of tens of millions of elements drift by ~1e-4 (MKL's fp32 dot by ~1e-5
+    # over a 1M chunk); chunked cascade sums added in float64 must not.
     generator = torch.Generator().manual_seed(1)
     a = torch.randn(8_000_000, generator=generator).to(torch.bfloat16)
     b = (a.float() + 0.5 * torch.randn(8_000_000, generator=generator)).to(torch.bfloat16)
-    stats = CpuEngine().statistics(a, b)
+    stats = CpuEngine().statistics(a, b, math_dtype)
     a64, b64 = a.double(), b.double()
-    assert math.isclose(stats.norm_a_sq, torch.dot(a64, a64).item(), rel_tol=2e-6)
-    assert math.isclose(stats.norm_b_sq, torch.dot(b64, b64).item(), rel_tol=2e-6)
-    assert math.isclose(stats.dot, torch.dot(a64, b64).item(), rel_tol=2e-6)
+    assert math.isclose(stats.norm_a_sq, torch.dot(a64, a64).item(), rel_tol=rel_tol)
+    assert math.isclose(stats.norm_b_sq, torch.dot(b64, b64).item(), rel_tol=rel_tol)
+    assert math.isclose(stats.dot, torch.dot(a64, b64).item(), rel_tol=rel_tol)
 
 
+@pytest.mark.parametrize("math_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_inputs_are_detected(bad):
+def test_non_finite_inputs_are_detected(bad, math_dtype):
     from fastmerge.engine import NonFiniteInput
 
     a, b = _pair(3000, "random", torch.bfloat16)
     b[2500] = bad
     with pytest.raises(NonFiniteInput, match="b"):
-        CpuEngine(chunk_elements=1000).statistics(a, b)
+        CpuEngine(chunk_elements=1000).statistics(a, b, math_dtype)
 
 
-def test_huge_finite_values_are_not_mistaken_for_non_finite():
+@pytest.mark.parametrize("math_dtype", [torch.float32, torch.float64])
+def test_huge_finite_values_are_not_mistaken_for_non_finite(math_dtype):
     # 1e20 squared overflows fp32; the engine redoes such a chunk in float64.
     a = torch.full((10,), 1e20, dtype=torch.bfloat16)
     b = torch.full((10,), -1e20, dtype=torch.bfloat16)
-    stats = CpuEngine().statistics(a, b)
+    stats = CpuEngine().statistics(a, b, math_dtype)
     assert stats.finite
     assert stats.cosine == -1.0
 

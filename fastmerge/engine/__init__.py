@@ -76,8 +76,11 @@ class Engine(ABC):
     """Whether sinks should hand out pinned host buffers (for asynchronous device copies)."""
 
     @abstractmethod
-    def statistics(self, a: torch.Tensor, b: torch.Tensor) -> PairStatistics:
-        """‖a‖², ‖b‖² and a·b of two flat tensors, summed in float64 across chunks.
+    def statistics(
+        self, a: torch.Tensor, b: torch.Tensor, math_dtype: torch.dtype = torch.float64
+    ) -> PairStatistics:
+        """‖a‖², ‖b‖² and a·b of two flat tensors: summed in `math_dtype` within a chunk
+        (float32, or float64 where `compute_dtype` asks for it) and in float64 across chunks.
 
         Raises NonFiniteInput("a" or "b") when an input holds NaN or infinity.
         """
@@ -97,8 +100,9 @@ class Engine(ABC):
         self, planned: PlannedTensor, a: torch.Tensor, b: torch.Tensor
     ) -> PairStatistics:
         """`statistics` of a planned tensor's inputs, naming the tensor if one is not finite."""
+        math_dtype = compute_dtype(planned.in_dtype, planned.out_dtype)
         try:
-            return self.statistics(a.reshape(-1), b.reshape(-1))
+            return self.statistics(a.reshape(-1), b.reshape(-1), math_dtype)
         except NonFiniteInput as exc:
             raise NonFiniteInput(exc.side, planned) from None
 

@@ -98,11 +98,15 @@ class CudaEngine(Engine):
 
     # The primitives, for single tensors (fastmerge.slerp, inspect, cached statistics).
 
-    def statistics(self, a: torch.Tensor, b: torch.Tensor) -> PairStatistics:
+    def statistics(
+        self, a: torch.Tensor, b: torch.Tensor, math_dtype: torch.dtype = torch.float64
+    ) -> PairStatistics:
         a, b = a.to(self.device), b.to(self.device)
         offsets = torch.tensor([0, a.numel()], dtype=torch.int64, device=self.device)
         t = torch.zeros(1, dtype=torch.float64, device=self.device)
-        row = self.kernels.segment_statistics(a, b, offsets, t, out_dtype=torch.float32)[0]
+        # The kernels sum in float64 for the float32 outputs that need it.
+        like = torch.float32 if math_dtype == torch.float64 else torch.float16
+        row = self.kernels.segment_statistics(a, b, offsets, t, out_dtype=like)[0]
         norm_a, norm_b, cos = row[:3].tolist()
         stats = PairStatistics(norm_a * norm_a, norm_b * norm_b, _dot(norm_a, norm_b, cos))
         if not stats.finite:
