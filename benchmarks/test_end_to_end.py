@@ -65,10 +65,28 @@ def test_merge_from_disk(benchmark, report, request, tmp_path_factory, size):
         f"fastmerge {naive_s / merge_s:.1f}x faster",
     )
 
-    _check_against_reference(work / "fastmerge", a, b, every=1 if size == "135m" else 7)
-    with open_checkpoint(work / "naive") as naive, open_checkpoint(work / "fastmerge") as ours:
-        for name in list(ours.tensors)[:: 1 if size == "135m" else 7]:
-            assert max_ulp_distance(naive.view(name), ours.view(name)) <= 2, name
+    every = 1 if size == "135m" else 7
+    _check_against_reference(work / "fastmerge", a, b, every=every)
+
+    # The naive script's whole-tensor fp32 norms are what DESIGN.md warns about: report how
+    # far they move its output from the reference (fastmerge's is within 1 ulp, checked above).
+    worst, where = 0, ""
+    with (
+        open_checkpoint(work / "naive") as naive,
+        open_checkpoint(a) as base,
+        open_checkpoint(b) as other,
+    ):
+        for name in list(naive.tensors)[::every]:
+            want = slerp_reference(base.view(name), other.view(name), T)
+            distance = max_ulp_distance(naive.view(name), want)
+            if distance > worst:
+                worst, where = distance, name
+    report.add(
+        f"end to end, {label}",
+        "naive script's largest error (fp16 ulps)",
+        f"{worst} ulp, in {where}",
+        "fastmerge: 1 ulp at most",
+    )
 
 
 def test_peak_memory_does_not_grow_with_the_model(report, pair_135m, pair_1b, tmp_path):
