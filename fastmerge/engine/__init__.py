@@ -79,8 +79,9 @@ class Engine(ABC):
     def statistics(
         self, a: torch.Tensor, b: torch.Tensor, math_dtype: torch.dtype = torch.float64
     ) -> PairStatistics:
-        """‖a‖², ‖b‖² and a·b of two flat tensors: summed in `math_dtype` within a chunk
-        (float32, or float64 where `compute_dtype` asks for it) and in float64 across chunks.
+        """‖a‖², ‖b‖² and a·b of two flat tensors, summed in float64 across chunks; within a
+        chunk at least in `math_dtype` (float64 where `compute_dtype` asks for it). The same
+        inputs give the same bits on every call, so statistics can be cached.
 
         Raises NonFiniteInput("a" or "b") when an input holds NaN or infinity.
         """
