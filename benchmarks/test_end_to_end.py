@@ -38,13 +38,23 @@ def test_merge_from_disk(benchmark, report, request, tmp_path_factory, size):
     work = tmp_path_factory.mktemp(f"e2e-{size}")
     label = {"135m": "SmolLM-135M pair", "1b": "1.1B pair (3 shards)"}[size]
 
+    # Writing to this machine's disk swings by 2-4x within minutes, so the merge and the
+    # write floor alternate, three times each, and each keeps its best.
+    floors = []
+
     def merge():
         shutil.rmtree(work / "fastmerge", ignore_errors=True)
         return fastmerge.merge(a, b, work / "fastmerge", T)
 
-    result = benchmark.pedantic(merge, rounds=1, warmup_rounds=0)
+    def floor_first():
+        shutil.rmtree(work / "fastmerge", ignore_errors=True)
+        floors.append(write_floor(work, plan_bytes))
+
+    with fastmerge.Pair(a, b) as pair:
+        plan_bytes = pair.plan.output_bytes
+    result = benchmark.pedantic(merge, setup=floor_first, rounds=3, warmup_rounds=0)
     merge_s = benchmark.stats["min"]
-    floor_s = write_floor(work, result.bytes_written)
+    floor_s = min(floors)
     naive_s, naive_rss = run_measured(
         [sys.executable, str(NAIVE_SCRIPT), str(a), str(b), str(work / "naive"), str(T)]
     )
