@@ -8,6 +8,7 @@
 # The numbers go to one file: $1, default gpu-check.md. Takes under 5 minutes on an H200.
 #
 #   bash benchmarks/gpu_check.sh [OUT_FILE]
+# (-P keeps the checkout's root off sys.path: its kernels/ would shadow PyPI's `kernels`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-check.md}")
@@ -20,8 +21,8 @@ $python -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 'device', torch.cuda.get_device_name(0))"
 
 status=0
-$python -m pytest tests/test_gpu.py -q -p no:cacheprovider -x || status=$?
-$python -m pytest benchmarks/test_gpu.py -q -p no:cacheprovider \
+$python -P -m pytest tests/test_gpu.py -q -p no:cacheprovider -x || status=$?
+$python -P -m pytest benchmarks/test_gpu.py -q -p no:cacheprovider \
     --bench-dir "${FASTMERGE_BENCH_DIR:-/tmp/fastmerge-bench}" --bench-report "$out" || status=$?
 echo "gpu_check: numbers in $out (tests exit status $status)"
 exit $status
