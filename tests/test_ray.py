@@ -46,12 +46,26 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     environment = {"RAY_AUTH_MODE": "disabled", distributed.FAULTS_ENV: str(faults)}
     previous = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)  # before ray.init: the workers inherit it
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 2**20,
-        logging_level=logging.WARNING,
-    )
+
+    # Ray puts the driver's working directory on its workers' sys.path; from the checkout's
+    # root, its kernels/ would then shadow the PyPI package transformers imports. Without it
+    # the workers cannot import this package of tests, so the functions the farm tests send
+    # them (evaluations, model factories) travel by value.
+    from . import test_farm
+
+    for module in (sys.modules[__name__], test_farm):
+        ray.cloudpickle.register_pickle_by_value(module)
+    driver_directory = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-driver"))
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        os.chdir(driver_directory)
     yield faults
     ray.shutdown()
     for key, value in previous.items():
