@@ -175,5 +175,22 @@ def run_measured(command: list[str]) -> tuple[float, int]:
     return elapsed, int(peak_kib) * 1024
 
 
+def slerp_command(a: Path, b: Path, out: Path, t: float) -> list[str]:
+    """The command line of a quiet `fastmerge slerp` in a fresh Python process."""
+    return [
+        sys.executable,
+        "-m",
+        "fastmerge",
+        "slerp",
+        str(a),
+        str(b),
+        "--t",
+        str(t),
+        "-o",
+        str(out),
+        "--quiet",
+    ]
+
+
 def peak_rss_of_self() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

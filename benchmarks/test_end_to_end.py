@@ -16,7 +16,7 @@ import fastmerge
 from fastmerge.reader import open_checkpoint
 from fastmerge.reference import max_ulp_distance, slerp_reference
 
-from .conftest import run_measured, write_floor
+from .conftest import run_measured, slerp_command, write_floor
 
 T = 0.6
 NAIVE_SCRIPT = Path(__file__).with_name("naive_merge.py")
@@ -105,21 +105,7 @@ def test_peak_memory_does_not_grow_with_the_model(report, pair_135m, pair_1b, tm
     measured = {}
     for label, (a, b) in (("SmolLM-135M", pair_135m), ("1.1B", pair_1b)):
         out = tmp_path / label
-        seconds, peak = run_measured(
-            [
-                sys.executable,
-                "-m",
-                "fastmerge",
-                "slerp",
-                str(a),
-                str(b),
-                "--t",
-                str(T),
-                "-o",
-                str(out),
-                "--quiet",
-            ]
-        )
+        seconds, peak = run_measured(slerp_command(a, b, out, T))
         measured[label] = peak
         report.add(
             f"memory, {label} pair",

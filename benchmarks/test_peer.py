@@ -18,7 +18,7 @@ from fastmerge.model_card import mergekit_recipe
 from fastmerge.reader import open_checkpoint
 from fastmerge.reference import max_ulp_distance, slerp_reference, ulp_distance
 
-from .conftest import run_measured
+from .conftest import run_measured, slerp_command
 
 T = 0.6
 
@@ -38,21 +38,7 @@ def test_against_mergekit(report, request, tmp_path, size):
     mergekit_s, mergekit_rss = run_measured(
         [mergekit_yaml, str(recipe), str(tmp_path / "mergekit"), "--no-copy-tokenizer"]
     )
-    fastmerge_s, fastmerge_rss = run_measured(
-        [
-            sys.executable,
-            "-m",
-            "fastmerge",
-            "slerp",
-            str(a),
-            str(b),
-            "--t",
-            str(T),
-            "-o",
-            str(tmp_path / "fastmerge"),
-            "--quiet",
-        ]
-    )
+    fastmerge_s, fastmerge_rss = run_measured(slerp_command(a, b, tmp_path / "fastmerge", T))
 
     label = {"135m": "SmolLM-135M pair", "1b": "1.1B pair"}[size]
     report.add(
