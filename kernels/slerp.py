@@ -106,6 +106,16 @@ def _bf16_bits_rtne(x):
 
 
 @triton.jit
+def _block_of(pid, offsets_ptr, block_segment_ptr, block_start_ptr, BLOCK: tl.constexpr):
+    # A program's segment and its block's element offsets (64-bit), masked at the segment end.
+    segment = tl.load(block_segment_ptr + pid).to(tl.int64)
+    start = tl.load(block_start_ptr + pid)
+    end = tl.load(offsets_ptr + segment + 1)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return segment, offs, offs < end
+
+
+@triton.jit
 def _partials_kernel(
     a_ptr,
     b_ptr,
@@ -119,11 +129,7 @@ def _partials_kernel(
 ):
     # Bytes: reads BLOCK elements of a and of b, writes 3 fp32 partials.
     pid = tl.program_id(0).to(tl.int64)
-    segment = tl.load(block_segment_ptr + pid).to(tl.int64)
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(offsets_ptr + segment + 1)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < end
+    _, offs, mask = _block_of(pid, offsets_ptr, block_segment_ptr, block_start_ptr, BLOCK)
 
     # fp32 per block, float64 across blocks (DESIGN.md); float64 where _wide_math says.
     acc = tl.float64 if ACC_F64 else tl.float32
@@ -205,11 +211,7 @@ def _blend_kernel(
 ):
     # Bytes: reads BLOCK elements of a and of b, writes BLOCK elements of the output.
     pid = tl.program_id(0).to(tl.int64)
-    segment = tl.load(block_segment_ptr + pid).to(tl.int64)
-    start = tl.load(block_start_ptr + pid)
-    end = tl.load(offsets_ptr + segment + 1)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < end
+    segment, offs, mask = _block_of(pid, offsets_ptr, block_segment_ptr, block_start_ptr, BLOCK)
 
     # fp32 math cannot be one-ulp exact for an fp32 output where the terms nearly cancel, so
     # fp32 outputs (and float64 inputs) blend in float64, as the CPU engine does.
