@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -190,7 +189,3 @@ def slerp_command(a: Path, b: Path, out: Path, t: float) -> list[str]:
         str(out),
         "--quiet",
     ]
-
-
-def peak_rss_of_self() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

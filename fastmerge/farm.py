@@ -50,9 +50,6 @@ class ResidentCheckpoint(Checkpoint):
     def view(self, name: str) -> torch.Tensor:
         return self.resident[name]
 
-    def prefetch(self, name: str) -> None:
-        """Nothing to read: the tensor is in memory."""
-
     def release(self, name: str) -> None:
         """Nothing to release: the tensor stays resident."""
 

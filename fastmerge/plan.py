@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -75,7 +75,6 @@ class MergePlan:
     out_dtype: torch.dtype
     t: float | Schedule | Callable[[str], float]
     config: dict | None
-    notes: list[str] = field(default_factory=list)
     extrapolate: bool = False
 
     @property

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class _Batch:
     out: torch.Tensor | None = None
     stats_host: torch.Tensor | None = None
     stats_ready: object = None
-    blends: list[Blend | None] = field(default_factory=list)
 
 
 class CudaEngine(Engine):
